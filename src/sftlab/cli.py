@@ -1,0 +1,164 @@
+"""Command line: `sftlab init | check | train | demo`.
+
+Each command is a thin shell over the library function of the same stage, so the CLI
+and `from sftlab import ...` run the same steps. Errors the user can cause are
+`UserError`s: printed as one message with a hint, exit code 2, no traceback unless
+`--debug` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Supervised fine-tuning with TRL that tells you whether the fine-tune worked.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config (write one with `sftlab init`).")]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a config key, e.g. --set training.learning_rate=1e-4 (repeatable)."),
+]
+
+
+@app.callback()
+def _global_options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False):
+    """Supervised fine-tuning with TRL that tells you whether the fine-tune worked."""
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the starter config.")] = Path("sftlab.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+):
+    """Write a commented starter config whose defaults follow the SFT chapter's advice."""
+    from sftlab.config import write_starter_config
+
+    write_starter_config(path, force=force)
+    print(f"wrote {path}: edit data.train, then run `sftlab check {path}`")
+
+
+@app.command()
+def check(
+    config: ConfigArg,
+    set_: SetOption = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full audit as JSON here.")] = None,
+):
+    """Load, normalize and tokenize the data exactly as training will, and audit it."""
+    from sftlab.config import load_config
+    from sftlab.train import check as run_check
+
+    _quiet_libraries()
+    audit = run_check(load_config(config, set_ or []))
+    _print_audit(audit)
+    if json_out:
+        json_out.write_text(json.dumps(audit, indent=2), encoding="utf-8")
+    raise typer.Exit(0 if audit["ok"] else 2)
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+):
+    """Fine-tune with TRL's SFTTrainer and write a run directory."""
+    from sftlab.config import load_config
+    from sftlab.train import train as run_train
+
+    _quiet_libraries()
+    result = run_train(load_config(config, set_ or []), resume=resume, overwrite=overwrite)
+    print(f"trained {result.global_step} steps; final model in {result.final_dir}")
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("--output", help="Run directory for the demo.")] = Path("sftlab-demo"),
+    set_: SetOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier demo run.")] = False,
+):
+    """Fine-tune the embedded SmolLM2-135M-Instruct on the shipped demo task, offline."""
+    from sftlab.demo import run_demo
+
+    _quiet_libraries()
+    result = run_demo(output, overrides=set_ or [], overwrite=overwrite)
+    print(f"demo trained {result.global_step} steps; final model in {result.final_dir}")
+
+
+def _print_audit(audit: dict) -> None:
+    splits = audit["splits"]
+    print(f"train rows: {splits['train']['rows']}   eval rows: {splits['eval']['rows']}")
+    for source, fmt in audit["formats"].items():
+        print(f"  {source}: {fmt}")
+    if audit["dropped"]["count"]:
+        print(f"dropped {audit['dropped']['count']} rows: " + ", ".join(f"{n} {r}" for r, n in audit["dropped"]["reasons"].items()))
+    for problem in audit["problems"][:20]:
+        print(f"  {problem['file']}:{problem['line']}: {problem['message']}")
+    print(f"trained token share: {audit['trained_token_share']:.1%}")
+
+
+# Library messages that say nothing actionable about an sftlab run.
+KNOWN_HARMLESS = (
+    "mtime may not be reliable",  # checkpoint rotation on filesystems with coarse timestamps
+    "'pin_memory' argument is set as true but no accelerator",
+    "`is_gradient_checkpointing` is deprecated",  # peft calling transformers' old name
+)
+
+
+class _DropKnownHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in KNOWN_HARMLESS)
+
+
+def _quiet_libraries() -> None:
+    """Silence known-harmless library noise; real warnings still show, once each."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Bare tqdm bars (GGUF dequantization) read this at import; sftlab draws its own progress.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("once")
+    for text in KNOWN_HARMLESS:
+        warnings.filterwarnings("ignore", message=".*" + re.escape(text))
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+    for handler in logging.getLogger("transformers").handlers:
+        handler.addFilter(_DropKnownHarmless())
+
+
+def main() -> None:
+    from sftlab.errors import UserError
+
+    debug = "--debug" in sys.argv
+    try:
+        app()
+    except UserError as error:
+        if debug:
+            raise
+        print(f"error: {error.message}", file=sys.stderr)
+        if error.hint:
+            print(f"hint: {error.hint}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

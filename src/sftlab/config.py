@@ -1,0 +1,355 @@
+"""Config: one YAML file, validated up front, resolved once, written into the run directory.
+
+The file has six sections: `model`, `data`, `training`, `lora` (optional), `eval` and
+`monitor`. `training` takes TRL's `SFTConfig` field names unchanged and passes them
+through, so TRL users need nothing new; sftlab only fills in defaults that follow the
+course chapter (1-3 epochs, small batches, a conservative learning rate, warmup) and the
+hardware (fp32 on CPU, bf16 on GPUs that support it).
+
+Trade-offs:
+- Validation happens before anything heavy is loaded. An unknown key anywhere is an
+  error naming the key, its line in the file and the closest valid key: a misspelt
+  `learning_rat` silently ignored would cost a whole run.
+- `training` values are type-checked against `SFTConfig`'s own annotations, and
+  cross-field rules are left to `SFTConfig` itself (see `train.build_sft_config`), so
+  sftlab never disagrees with TRL about what is valid.
+- transformers 5 folded `warmup_ratio` into a fractional `warmup_steps`; the chapter and
+  most recipes still say `warmup_ratio`, so sftlab accepts it and translates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from sftlab.errors import ConfigError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must never be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        EMBEDDED_MODEL,
+        description="Hub id, local directory, or 'smollm2-135m-instruct' (the embedded default, no network).",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file inside name_or_path (or a path to one).")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPUs that support it, float32 otherwise."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you turn it on.")
+    attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2, ... (None: transformers' choice)")
+
+
+class SourceConfig(_Section):
+    path: str = Field(description="File, directory written by save_to_disk, or hub dataset id.")
+    name: str | None = Field(None, description="Hub dataset config name (e.g. 'all' for HuggingFaceTB/smoltalk).")
+    split: str | None = None
+    weight: float | None = Field(None, gt=0, description="Relative share when mixing several sources.")
+
+
+DataSources = str | SourceConfig | list[str | SourceConfig]
+
+
+class DataConfig(_Section):
+    train: DataSources = Field(description="Training data: a path, a hub id, or a list of sources.")
+    eval: DataSources | None = Field(None, description="Held-out data. Without it, eval_split carves one out.")
+    eval_split: float = Field(0.05, ge=0, lt=1, description="Share of train held out for eval when `eval` is not set.")
+    format: Literal["messages", "sharegpt", "alpaca", "prompt_completion", "template", "text"] | None = Field(
+        None, description="Detected from the columns when not set."
+    )
+    template: str | None = Field(None, description='Formatting template, e.g. "### Question: {question}\\n### Answer: {answer}".')
+    on_error: Literal["fail", "skip"] = Field("fail", description="fail: stop at the first bad row; skip: count and drop it.")
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0)
+    lora_alpha: int = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None
+
+
+class EvalConfig(_Section):
+    baseline: bool = Field(True, description="Evaluate the base model before training, for a before/after comparison.")
+    num_prompts: int = Field(100, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+
+
+class MonitorConfig(_Section):
+    plots: bool = True
+
+
+# SFTConfig keys that sftlab owns in another section, with where they belong instead.
+_KEYS_OWNED_ELSEWHERE = {
+    "trust_remote_code": "model.trust_remote_code",
+    "model_init_kwargs": "the `model` section (name_or_path, dtype, revision, attn_implementation)",
+    "chat_template_path": "the model's own tokenizer (sftlab reads the template from the model)",
+    "dataset_text_field": "data.format: text",
+    "dataset_kwargs": "the `data` section",
+}
+# Names TRL users know that transformers 5 renamed; sftlab translates them.
+_TRAINING_ALIASES = {"warmup_ratio": float}
+
+# Defaults that follow the chapter: 1-3 epochs, small batches, conservative learning
+# rate with warmup, evaluation and checkpoints at the chapter's cadence.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 5e-5,
+    "warmup_ratio": 0.1,
+    "logging_steps": 10,
+    "eval_steps": 50,
+    "save_steps": 100,
+    "save_total_limit": 3,
+    "max_length": 1024,
+    "packing": False,
+    "eval_packing": False,
+    "assistant_only_loss": True,
+    "seed": 42,
+    "report_to": "none",
+}
+# LoRA trains far fewer parameters and wants a larger step (peft's and TRL's examples).
+LORA_LEARNING_RATE = 2e-4
+
+
+class _TrainingKeyError(ValueError):
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+class SftlabConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    training: dict[str, Any] = Field(default_factory=dict)
+    lora: LoraConfig | None = None
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+
+    @field_validator("training")
+    @classmethod
+    def _training_keys_are_sft_config_fields(cls, training: dict[str, Any]) -> dict[str, Any]:
+        fields = sft_config_fields()
+        for key, value in training.items():
+            if key in _KEYS_OWNED_ELSEWHERE:
+                raise _TrainingKeyError(key, f"training.{key}: set this in {_KEYS_OWNED_ELSEWHERE[key]} instead")
+            annotation = _TRAINING_ALIASES.get(key) or (fields[key].type if key in fields else None)
+            if annotation is None:
+                raise _TrainingKeyError(
+                    key, f"unknown key training.{key}{_did_you_mean(key, [*fields, *_TRAINING_ALIASES], 'training.')}"
+                )
+            try:
+                training[key] = TypeAdapter(annotation).validate_python(value)
+            except ValidationError:
+                raise _TrainingKeyError(
+                    key, f"training.{key} = {value!r} is not a valid {_type_name(annotation)}"
+                ) from None
+        return training
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.training["output_dir"])
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+@functools.cache
+def sft_config_fields() -> dict[str, dataclasses.Field]:
+    from trl import SFTConfig  # heavy import: only when a config is actually validated
+
+    return {f.name: f for f in dataclasses.fields(SFTConfig) if f.init}
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> SftlabConfig:
+    """Read, override, validate and resolve a config file. Raises ConfigError."""
+    path = Path(path)
+    raw, lines = _read_yaml(path)
+    for override in overrides:
+        apply_override(raw, override)
+    cfg = validate_config(raw, source=str(path), lines=lines)
+    return resolve_defaults(cfg, config_path=path)
+
+
+def validate_config(raw: Any, source: str = "<config>", lines: dict[tuple, int] | None = None) -> SftlabConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of sections, got {type(raw).__name__}",
+                          hint="run `sftlab init` to write a starter config")
+    try:
+        return SftlabConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _config_error_from(exc, source, lines or {}) from None
+
+
+def resolve_defaults(cfg: SftlabConfig, config_path: Path | None = None) -> SftlabConfig:
+    """Fill in sftlab's defaults for every training key the user left out."""
+    training = dict(TRAINING_DEFAULTS)
+    if cfg.lora is not None:
+        training["learning_rate"] = LORA_LEARNING_RATE
+    training["output_dir"] = str(Path("runs") / (config_path.stem if config_path else "sft"))
+    training.update(cfg.training)
+    if "warmup_steps" in cfg.training and "warmup_ratio" not in cfg.training:
+        training.pop("warmup_ratio")
+    if cfg.data.eval is None and cfg.data.eval_split == 0:
+        training.setdefault("eval_strategy", "no")
+    training.setdefault("eval_strategy", "steps")
+    training.setdefault("save_strategy", "steps")
+    return cfg.model_copy(update={"training": training})
+
+
+def set_by_dotted_key(raw: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def apply_override(raw: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE", hint="for example --set training.learning_rate=1e-4")
+    dotted, text = override.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    set_by_dotted_key(raw, dotted.strip(), value)
+
+
+def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}", hint="run `sftlab init CONFIG` to write a starter config")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a config file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        lines: dict[tuple, int] = {}
+        _record_key_lines(node, (), lines, path)
+        return yaml.safe_load(text), lines
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {exc.problem or exc}", hint="check indentation and quoting on that line") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+
+
+def _record_key_lines(node: yaml.Node | None, prefix: tuple, lines: dict[tuple, int], path: Path) -> None:
+    """Map each key path to its 1-based line, and reject keys given twice."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                raise ConfigError(f"{path}:{key_node.start_mark.line + 1}: key {'.'.join((*prefix, key))} is given twice")
+            seen.add(key)
+            lines[(*prefix, key)] = key_node.start_mark.line + 1
+            _record_key_lines(value_node, (*prefix, key), lines, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[(*prefix, index)] = item.start_mark.line + 1
+            _record_key_lines(item, (*prefix, index), lines, path)
+
+
+def _config_error_from(exc: ValidationError, source: str, lines: dict[tuple, int]) -> ConfigError:
+    # A union (e.g. data.train: str | source | list) reports one error per member; the
+    # deepest one, or an unknown key, is the one that names what the user got wrong.
+    error = max(exc.errors(), key=lambda e: (e["type"] == "extra_forbidden", len(e["loc"])))
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, _TrainingKeyError):
+        line = lines.get(("training", cause.key)) or lines.get(("training",))
+        return ConfigError(f"{source}:{line}: {cause}" if line else f"{source}: {cause}",
+                           hint="`training` takes TRL SFTConfig field names and types")
+    # pydantic adds union-member tags (e.g. 'str', 'SourceConfig') to the location; keep only keys.
+    known = _all_section_keys() | {key[-1] for key in lines}
+    loc = tuple(part for part in error["loc"] if isinstance(part, int) or part in known)
+    line = _nearest_line(lines, loc)
+    where = f"{source}:{line}" if line else source
+    dotted = ".".join(str(part) for part in loc)
+    if error["type"] == "extra_forbidden":
+        return ConfigError(f"{where}: unknown key {dotted}{_suggest_key(loc)}",
+                           hint="`sftlab init` writes a config listing every valid key with its default")
+    if error["type"] == "missing":
+        return ConfigError(f"{where}: missing required key {dotted}",
+                           hint="data.train names the training data, e.g. `train: data/train.jsonl`")
+    return ConfigError(f"{where}: {dotted}: {error['msg']} (got {error.get('input')!r})")
+
+
+def _all_section_keys() -> set[str]:
+    keys = set(SftlabConfig.model_fields)
+    for section in (ModelConfig, DataConfig, SourceConfig, LoraConfig, EvalConfig, MonitorConfig):
+        keys |= set(section.model_fields)
+    return keys
+
+
+def _nearest_line(lines: dict[tuple, int], loc: tuple) -> int | None:
+    # The training validator reports the section; find the offending key inside it.
+    for length in range(len(loc), 0, -1):
+        if loc[:length] in lines:
+            return lines[loc[:length]]
+    return None
+
+
+def _suggest_key(loc: tuple) -> str:
+    key = str(loc[-1])
+    section = loc[0] if len(loc) > 1 else None
+    models = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "eval": EvalConfig, "monitor": MonitorConfig}
+    if section is None:
+        return _did_you_mean(key, list(SftlabConfig.model_fields))
+    if section in models:
+        local = list(models[section].model_fields) + (list(SourceConfig.model_fields) if section == "data" else [])
+        hint = _did_you_mean(key, local, ".".join(map(str, loc[:-1])) + ".")
+        if hint:
+            return hint
+        if key in sft_config_fields() or key in _TRAINING_ALIASES:
+            return f" (did you mean training.{key}?)"
+        for other, model in models.items():
+            if key in model.model_fields:
+                return f" (did you mean {other}.{key}?)"
+    return ""
+
+
+def _did_you_mean(key: str, candidates: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def starter_config_text() -> str:
+    return (Path(__file__).parent / "starter.yaml").read_text(encoding="utf-8")
+
+
+def write_starter_config(path: Path, force: bool = False) -> None:
+    path = Path(path)
+    if path.exists() and not force:
+        raise ConfigError(f"{path} already exists", hint="pass --force to replace it, or give another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(starter_config_text(), encoding="utf-8")

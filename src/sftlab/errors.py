@@ -1,0 +1,34 @@
+"""Errors a user can cause.
+
+Every stage raises `UserError` for problems the user can fix (a bad file, a bad key, a
+missing model, out of memory). The CLI prints them as one message with a hint and exits
+with code 2; anything else is a bug in sftlab and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment, with a hint on how to fix it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\nhint: {self.hint}"
+
+
+class ConfigError(UserError):
+    """The config file or a `--set` override is wrong."""
+
+
+class DataError(UserError):
+    """A dataset file is missing, malformed, or cannot be trained on."""
+
+
+class ModelError(UserError):
+    """The model cannot be found or loaded."""

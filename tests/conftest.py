@@ -1,0 +1,117 @@
+"""Shared fixtures: a tiny model built on the fly, and small datasets.
+
+The tiny model (byte-level BPE tokenizer trained with `tokenizers`, 2-layer Llama with
+hidden size 64, ChatML chat template) trains in seconds on a CPU, so tests exercise the
+real TRL/transformers code paths without the embedded 135M model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def corpus_lines() -> list[str]:
+    demo = Path(__file__).resolve().parent.parent / "src" / "sftlab" / "demo_data" / "train.jsonl"
+    lines = []
+    for row in demo.read_text(encoding="utf-8").splitlines()[:300]:
+        for message in json.loads(row)["messages"]:
+            lines.append(message["content"])
+    lines += ["user assistant system tool", "The quick brown fox jumps over the lazy dog."] * 5
+    return lines
+
+
+def build_tiny_model(directory: Path, chat_template: str | None = CHATML) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus_lines(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def chat_rows(count: int, offset: int = 0) -> list[dict]:
+    rows = []
+    for index in range(offset, offset + count):
+        rows.append({"messages": [
+            {"role": "user", "content": f"What is {index} plus {index}?"},
+            {"role": "assistant", "content": f"{index} plus {index} is {2 * index}."},
+        ]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def chat_data(tmp_path) -> dict[str, Path]:
+    return {"train": write_jsonl(tmp_path / "train.jsonl", chat_rows(48)),
+            "eval": write_jsonl(tmp_path / "eval.jsonl", chat_rows(8, offset=1000))}
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_model, chat_data) -> Path:
+    """A complete config training the tiny model for a few steps."""
+    return write_config(tmp_path / "config.yaml", f"""
+model:
+  name_or_path: {tiny_model}
+data:
+  train: {chat_data['train']}
+  eval: {chat_data['eval']}
+training:
+  output_dir: {tmp_path / 'run'}
+  max_steps: 6
+  per_device_train_batch_size: 4
+  learning_rate: 1.0e-3
+  logging_steps: 2
+  eval_steps: 3
+  save_steps: 3
+  max_length: 128
+""")

@@ -1,0 +1,80 @@
+"""The command line as a user meets it: subprocesses, exit codes, messages."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sftlab(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "sftlab.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def assert_one_clean_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_help_lists_the_commands():
+    result = sftlab("--help")
+    assert result.returncode == 0
+    for command in ("init", "check", "train", "demo"):
+        assert command in result.stdout
+
+
+def test_train_with_a_missing_config_exits_2_with_one_message(tmp_path):
+    assert_one_clean_error(sftlab("train", "missing.yaml", cwd=tmp_path), "config file not found: missing.yaml", "hint:")
+
+
+def test_a_misspelt_key_exits_2_naming_it(tmp_path):
+    (tmp_path / "c.yaml").write_text("data:\n  train: x.jsonl\ntraining:\n  learnin_rate: 1.0e-4\n")
+    result = sftlab("train", "c.yaml", cwd=tmp_path)
+    assert_one_clean_error(result, "c.yaml:4: unknown key training.learnin_rate", "training.learning_rate")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = sftlab("--debug", "train", "missing.yaml", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+
+
+def test_a_model_missing_offline_exits_2(tmp_path, chat_data):
+    (tmp_path / "c.yaml").write_text(f"model:\n  name_or_path: sftlab-tests/absent\ndata:\n  train: {chat_data['train']}\n")
+    assert_one_clean_error(sftlab("check", "c.yaml", cwd=tmp_path), "not available offline")
+
+
+def test_init_then_check_then_train_end_to_end(tmp_path, tiny_config):
+    init = sftlab("init", tmp_path / "starter.yaml")
+    assert init.returncode == 0 and (tmp_path / "starter.yaml").exists()
+    assert sftlab("init", tmp_path / "starter.yaml").returncode == 2
+
+    check = sftlab("check", tiny_config, "--json", tmp_path / "audit.json")
+    assert check.returncode == 0, check.stderr
+    assert "train rows: 48" in check.stdout
+
+    result = sftlab("train", tiny_config, "--set", "training.max_steps=4")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    assert (run / "final" / "model.safetensors").exists()
+    assert (run / "final" / "tokenizer.json").exists()
+    assert "max_steps: 4" in (run / "config.yaml").read_text()
+    assert "step 4/4" in result.stderr  # progress lines where stderr is not a terminal
+
+    again = sftlab("train", tiny_config)
+    assert_one_clean_error(again, "already exists", "--resume")
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    command = readme.split("<!-- test-command -->")[1].split("```")[1].strip().removeprefix("bash").strip()
+    assert command in ci

@@ -1,0 +1,37 @@
+"""Tests with the real embedded SmolLM2-135M-Instruct (GGUF, dequantized). Marked slow."""
+
+import pytest
+
+from conftest import write_jsonl
+from sftlab.config import load_config
+from sftlab.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_default_fine_tunes_from_a_config_without_model_section(tmp_path):
+    from sftlab.demo import DEMO_DIR
+
+    rows = [__import__("json").loads(line) for line in (DEMO_DIR / "train.jsonl").read_text().splitlines()[:40]]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    (tmp_path / "c.yaml").write_text(f"""data:
+  train: {data}
+training:
+  output_dir: {tmp_path / 'run'}
+  max_steps: 3
+  per_device_train_batch_size: 2
+  logging_steps: 1
+  max_length: 128
+""")
+    result = train(load_config(tmp_path / "c.yaml"))
+    assert result.global_step == 3
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(result.final_dir)
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    assert model.config.model_type == "llama" and model.num_parameters() > 100e6
+    prompt = tokenizer.apply_chat_template(rows[0]["messages"][:1], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    output = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    assert tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from sftlab.config import load_config
+from sftlab.errors import UserError
+from sftlab.monitor import METRICS_FILE, read_metrics
+from sftlab.train import CONFIG_FILE, FINAL_DIR, train
+
+
+def test_train_writes_a_complete_run_directory(tiny_config):
+    cfg = load_config(tiny_config)
+    result = train(cfg)
+    run = result.run_dir
+    assert result.global_step == 6
+    assert (run / CONFIG_FILE).exists() and load_config(run / CONFIG_FILE).training["max_steps"] == 6
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    records = read_metrics(run / METRICS_FILE)
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    assert all("learning_rate" in r and "grad_norm" in r for r in records if "loss" in r)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run / FINAL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(run / FINAL_DIR)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 1 plus 1?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert output.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_resume_continues_from_the_latest_checkpoint_and_logs_each_step_once(tiny_config):
+    cfg = load_config(tiny_config)
+    train(cfg)
+    (cfg.output_dir / "checkpoint-6").rename(cfg.output_dir / "moved-away")  # as if killed after step 3's save
+    resumed = train(load_config(tiny_config, ["training.max_steps=8"]), resume=True)
+    assert resumed.global_step == 8
+    state = json.loads((cfg.output_dir / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    records = read_metrics(cfg.output_dir / METRICS_FILE)
+    loss_steps = [r["step"] for r in records if "loss" in r]
+    assert loss_steps == [2, 4, 6, 8]
+    assert sum("train_runtime" in r for r in records) == 1
+
+
+def test_an_existing_run_is_never_overwritten_without_asking(tiny_config):
+    cfg = load_config(tiny_config)
+    train(cfg)
+    before = (cfg.output_dir / METRICS_FILE).read_text()
+    with pytest.raises(UserError, match="already exists"):
+        train(cfg)
+    assert (cfg.output_dir / METRICS_FILE).read_text() == before
+
+
+def test_overwrite_only_deletes_directories_sftlab_made(tiny_config):
+    cfg = load_config(tiny_config)
+    cfg.output_dir.mkdir()
+    (cfg.output_dir / "precious.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not made by sftlab"):
+        train(cfg, overwrite=True)
+    assert (cfg.output_dir / "precious.txt").read_text() == "keep me"
+
+
+def test_resume_without_a_checkpoint_is_a_user_error(tiny_config):
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(load_config(tiny_config), resume=True)
+
+
+def test_lora_run_saves_an_adapter_that_loads_on_its_base(tiny_config, tiny_model):
+    cfg = load_config(tiny_config, ["lora.r=4", "lora.target_modules=[q_proj,v_proj]", "training.max_steps=2"])
+    result = train(cfg)
+    assert (result.final_dir / "adapter_config.json").exists()
+    assert not (result.final_dir / "model.safetensors").exists()
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(result.final_dir)
+    assert model.peft_config["default"].r == 4
