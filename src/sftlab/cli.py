@@ -34,6 +34,7 @@ SetOption = Annotated[
 @app.callback()
 def _global_options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False):
     """Supervised fine-tuning with TRL that tells you whether the fine-tune worked."""
+    _quiet_libraries()
 
 
 @app.command()
@@ -58,7 +59,6 @@ def check(
     from sftlab.config import load_config
     from sftlab.train import check as run_check
 
-    _quiet_libraries()
     audit = run_check(load_config(config, set_ or []))
     _print_audit(audit)
     if json_out:
@@ -77,7 +77,6 @@ def train(
     from sftlab.config import load_config
     from sftlab.train import train as run_train
 
-    _quiet_libraries()
     result = run_train(load_config(config, set_ or []), resume=resume, overwrite=overwrite)
     print(f"trained {result.global_step} steps; final model in {result.final_dir}")
 
@@ -91,7 +90,6 @@ def demo(
     """Fine-tune the embedded SmolLM2-135M-Instruct on the shipped demo task, offline."""
     from sftlab.demo import run_demo
 
-    _quiet_libraries()
     result = run_demo(output, overrides=set_ or [], overwrite=overwrite)
     print(f"demo trained {result.global_step} steps; final model in {result.final_dir}")
 
@@ -132,12 +130,12 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("once")
     for text in KNOWN_HARMLESS:
         warnings.filterwarnings("ignore", message=".*" + re.escape(text))
-    import datasets
-    import transformers
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as transformers_logging
 
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_warning()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_warning()
+    # Filters on a handler see the records of every child logger (transformers.trainer, ...).
     for handler in logging.getLogger("transformers").handlers:
         handler.addFilter(_DropKnownHarmless())
 
