@@ -1,5 +1,6 @@
 """The command line as a user meets it: subprocesses, exit codes, messages."""
 
+import json
 import os
 import subprocess
 import sys
@@ -59,7 +60,9 @@ def test_init_then_check_then_train_end_to_end(tmp_path, tiny_config):
 
     check = sftlab("check", tiny_config, "--json", tmp_path / "audit.json")
     assert check.returncode == 0, check.stderr
-    assert "train rows: 48" in check.stdout
+    assert "train 48 rows" in check.stdout
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert audit["ok"] is True and audit["splits"]["train"]["rows"] == 48 and audit["splits"]["eval"]["rows"] == 8
 
     result = sftlab("train", tiny_config, "--set", "training.max_steps=4")
     assert result.returncode == 0, result.stderr

@@ -95,15 +95,54 @@ def demo(
 
 
 def _print_audit(audit: dict) -> None:
+    """The audit, short enough to read: what was loaded, what was wrong, what will be trained."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(highlight=False)
     splits = audit["splits"]
-    print(f"train rows: {splits['train']['rows']}   eval rows: {splits['eval']['rows']}")
+    console.print(f"[bold]train[/] {splits['train']['rows']} rows, {splits['train']['tokens']:,} tokens   "
+                  f"[bold]eval[/] {splits['eval']['rows']} rows" + ("   (cached)" if audit.get("cached") else ""))
     for source, fmt in audit["formats"].items():
-        print(f"  {source}: {fmt}")
+        counts = audit["sources"].get(source, {})
+        console.print(f"  {source}: {fmt}, {counts.get('usable', '?')} of {counts.get('rows', '?')} rows usable")
     if audit["dropped"]["count"]:
-        print(f"dropped {audit['dropped']['count']} rows: " + ", ".join(f"{n} {r}" for r, n in audit["dropped"]["reasons"].items()))
-    for problem in audit["problems"][:20]:
-        print(f"  {problem['file']}:{problem['line']}: {problem['message']}")
-    print(f"trained token share: {audit['trained_token_share']:.1%}")
+        reasons = ", ".join(f"{count} {reason}" for reason, count in audit["dropped"]["reasons"].items())
+        console.print(f"[yellow]dropped {audit['dropped']['count']} rows[/]: {reasons}")
+    for problem in audit["problems"][:10]:
+        console.print(f"  {problem['file']}:{problem['line']}: {problem['message']}", markup=False)
+    if len(audit["problems"]) > 10:
+        console.print(f"  ... and {len(audit['problems']) - 10} more (see --json)")
+    for duplicate in audit["duplicates"]["examples"][:3]:
+        console.print(f"  {duplicate['kind']} duplicate: {duplicate['again']} repeats {duplicate['first']}", markup=False)
+
+    lengths = Table("tokens", "min", "median", "p95", "max", box=None, padding=(0, 2))
+    for part in ("prompt", "response", "total"):
+        d = audit["lengths"][part]
+        lengths.add_row(part, *(f"{d[k]:g}" for k in ("min", "median", "p95", "max")))
+    console.print(lengths)
+    cut = audit["truncation"]
+    if cut["max_length"]:
+        console.print(f"max_length {cut['max_length']}: {cut['examples_over']} examples longer, "
+                      f"{cut['tokens_cut']:,} tokens cut ({cut['trained_tokens_cut']:,} trained)")
+    console.print(f"trained tokens: {audit['trained_tokens']:,} ({audit['trained_token_share']:.1%})")
+    for number, example in enumerate(audit["examples"], start=1):
+        console.print(f"[dim]example {number} ({example['source']}:{example['line']}), trained part in green:[/]")
+        text = Text()
+        for segment in example["segments"]:
+            text.append(segment["text"], style="bold green" if segment["trained"] else "dim")
+        console.print(text if console.is_terminal else _bracket_trained(example["segments"]))
+    for warning in audit["warnings"]:
+        console.print(f"[yellow]warning[/]: {warning}")
+    for error in audit["errors"]:
+        console.print(f"[red]error[/]: {error}")
+    console.print("[green]ok: training can go ahead[/]" if audit["ok"] else "[red]training cannot go ahead[/]")
+
+
+def _bracket_trained(segments: list[dict]) -> str:
+    # Without colour, mark the trained text with brackets that are rare in real data.
+    return "".join(f"⟦{s['text']}⟧" if s["trained"] else s["text"] for s in segments)
 
 
 # Library messages that say nothing actionable about an sftlab run.

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from sftlab.errors import ConfigError
 
@@ -55,8 +55,27 @@ class ModelConfig(_Section):
 class SourceConfig(_Section):
     path: str = Field(description="File, directory written by save_to_disk, or hub dataset id.")
     name: str | None = Field(None, description="Hub dataset config name (e.g. 'all' for HuggingFaceTB/smoltalk).")
-    split: str | None = None
-    weight: float | None = Field(None, gt=0, description="Relative share when mixing several sources.")
+    split: str | None = Field(None, description="Split to read; by default 'train', with the dataset's test split as eval.")
+    weight: float | None = Field(None, gt=0, description="Rows drawn per row of this source: 0.5 a seeded half, 2 every row twice.")
+    fraction: float | None = Field(None, gt=0, le=1, description="Share of this source's rows to use (a seeded sample).")
+
+    @model_validator(mode="after")
+    def _one_of_weight_and_fraction(self):
+        if self.weight is not None and self.fraction is not None:
+            raise ValueError(f"source {self.path}: give weight or fraction, not both")
+        if self.fraction is not None:
+            self.__dict__["weight"], self.__dict__["fraction"] = self.fraction, None
+        return self
+
+
+class WarnThresholds(_Section):
+    """`sftlab check` warns (and training still goes ahead) past these."""
+
+    duplicate_share: float = Field(0.01, ge=0, description="Duplicates removed, as a share of all rows.")
+    dropped_share: float = Field(0.0, ge=0, description="Bad rows skipped (on_error: skip), as a share of all rows.")
+    truncated_share: float = Field(0.01, ge=0, description="Examples longer than training.max_length.")
+    trained_token_share_below: float = Field(0.02, ge=0, le=1, description="Share of tokens that are trained.")
+    leakage_rows: int = Field(0, ge=0, description="Training rows also found in eval.")
 
 
 DataSources = str | SourceConfig | list[str | SourceConfig]
@@ -71,6 +90,9 @@ class DataConfig(_Section):
     )
     template: str | None = Field(None, description='Formatting template, e.g. "### Question: {question}\\n### Answer: {answer}".')
     on_error: Literal["fail", "skip"] = Field("fail", description="fail: stop at the first bad row; skip: count and drop it.")
+    dedup: bool = Field(True, description="Drop exact and near-exact duplicates (same text up to case, spacing, punctuation).")
+    max_example_chars: int = Field(1_000_000, gt=0, description="Rows with more text than this are bad rows.")
+    warn_if: WarnThresholds = Field(default_factory=WarnThresholds)
 
 
 class LoraConfig(_Section):
@@ -302,7 +324,7 @@ def _config_error_from(exc: ValidationError, source: str, lines: dict[tuple, int
 
 def _all_section_keys() -> set[str]:
     keys = set(SftlabConfig.model_fields)
-    for section in (ModelConfig, DataConfig, SourceConfig, LoraConfig, EvalConfig, MonitorConfig):
+    for section in (ModelConfig, DataConfig, SourceConfig, WarnThresholds, LoraConfig, EvalConfig, MonitorConfig):
         keys |= set(section.model_fields)
     return keys
 

@@ -1,30 +1,48 @@
-"""Data: load what users have, normalize it, tokenize it exactly as it will be trained.
+"""Data: load what users have, audit it, tokenize it exactly as it will be trained.
 
-Pipeline: sources (files or hub ids) -> records, each remembering its file and line ->
-normalized examples (a conversation, or raw prompt/completion text) -> token ids plus an
-`assistant_masks` column marking the tokens that are trained. That tokenized dataset is
-what SFTTrainer receives, so what `sftlab check` audits is what `sftlab train` trains.
+Pipeline, one way:
+
+    sources (files, save_to_disk directories, hub ids)
+      -> records, each remembering its file and line
+      -> examples: a conversation, or raw prompt/completion text   (formats normalized)
+      -> de-duplicated, split into train/eval without leakage, mixed by source weight
+      -> rendered with the model's chat template, trained character spans found
+      -> token ids + `assistant_masks`                              (what SFTTrainer gets)
+      -> audit                                                      (what `sftlab check` shows)
 
 Trade-offs:
-- Masks are derived from the model's own chat template by rendering conversation
+- Loss masks are derived from the model's own chat template by rendering conversation
   prefixes, not from `{% generation %}` markers, which most shipped templates lack. This
-  works for any template, at the cost of rendering each conversation once per assistant
-  turn.
-- Templates that rewrite earlier turns (DeepSeek-R1-Distill drops earlier reasoning) are
-  not prefix-preserving: one rendering cannot show every turn as the model will see it at
-  inference. Such conversations become one example per assistant turn, each trained only
-  on its last turn, which matches inference exactly and costs more tokens.
+  works for any template, at the cost of rendering each conversation once per turn.
+- Templates that rewrite earlier turns (DeepSeek-R1-Distill drops the reasoning of every
+  assistant turn) are not prefix-preserving: no single rendering shows each turn as the
+  model sees it at inference. Such conversations become one example per assistant turn:
+  the history rendered by the template, then the generation prompt, then the raw
+  response and the end-of-turn marker, trained on that response only. This matches
+  inference exactly and costs more tokens.
 - Raw text (`text`, `template`, prompt/completion strings) is not passed through the chat
-  template, as in TRL; an EOS token is appended so the model learns to stop.
+  template, as in TRL; the EOS token is appended so the model learns to stop.
+- Bad rows never crash the loader: each becomes a problem with its file and line, which
+  stops the run (`on_error: fail`) or is counted and skipped (`on_error: skip`).
+- The tokenized result is cached by a hash of the files' contents, the data config and
+  the tokenizer, so an unchanged second run loads it instead of recomputing.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 import random
-from dataclasses import dataclass, field
+import re
+import shutil
+import string
+import sys
+from bisect import bisect_left
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Any, Iterator
 
 from sftlab.config import DataConfig, SourceConfig
@@ -33,8 +51,15 @@ from sftlab.errors import DataError
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "template", "text")
 ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-                  "bing": "assistant", "system": "system", "tool": "tool", "function": "tool", "observation": "tool",
-                  "function_call": "assistant"}
+                  "bing": "assistant", "model": "assistant", "system": "system", "tool": "tool", "function": "tool",
+                  "observation": "tool", "function_call": "assistant"}
+FILE_SUFFIXES = {".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet"}
+EVAL_SPLIT_NAMES = ("test", "validation", "valid", "eval", "dev")
+SENTINEL = "\uE000sftlab-response\uE001"  # private-use characters: no template or text contains them
+CACHE_VERSION = "1"
+
+
+# =========================================================================== records and examples
 
 
 @dataclass
@@ -48,14 +73,21 @@ class Record:
 
 @dataclass
 class Example:
-    """A normalized example: a conversation, or raw prompt/completion text."""
+    """A normalized example: a conversation (`messages`), or raw `prompt` + `completion` text."""
 
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     prompt: str = ""
     completion: str = ""
+    tools: list | None = None
     source: str = ""
     line: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> str:
+        """The text that identifies the example, for de-duplication and leakage checks."""
+        if self.messages is None:
+            return self.prompt + "\x00" + self.completion
+        return "\x00".join(f"{m['role']}\x01{m.get('content') or ''}" for m in self.messages)
 
 
 @dataclass
@@ -66,10 +98,10 @@ class Problem:
 
 
 class BadRow(Exception):
-    """A row that cannot be used; carries the reason for the audit."""
+    """A row that cannot be used; its message is the reason shown in the audit."""
 
 
-# --------------------------------------------------------------------------- sources
+# =========================================================================== sources
 
 
 def source_list(spec) -> list[SourceConfig]:
@@ -79,125 +111,215 @@ def source_list(spec) -> list[SourceConfig]:
     return [SourceConfig(path=item) if isinstance(item, str) else item for item in items]
 
 
-def read_source(source: SourceConfig, problems: list[Problem], on_error: str) -> list[Record]:
-    """Read every row of one source. Bad rows become Problems (or a DataError with on_error=fail)."""
+@dataclass
+class SourceRows:
+    label: str
+    records: list[Record]
+    own_eval: list[Record] = field(default_factory=list)  # the dataset's own test/validation split
+
+
+class _Collector:
+    """Gathers problems and drop reasons; raises at the first one when on_error is fail."""
+
+    def __init__(self, on_error: str):
+        self.on_error = on_error
+        self.problems: list[Problem] = []
+        self.dropped: dict[str, int] = {}
+
+    def bad_row(self, file: str, line: int, message: str) -> None:
+        if self.on_error == "fail":
+            raise DataError(f"{file}:{line}: {message}", hint="fix the row, or set data.on_error: skip to drop bad rows")
+        self.problems.append(Problem(file, line, message))
+        self.drop(_reason_category(message))
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + count
+
+
+def _reason_category(message: str) -> str:
+    """'missing field 'x' (has a, b)' -> 'missing field': counts group by kind, not by detail."""
+    return re.split(r" [('\"\d]|:", message, maxsplit=1)[0]
+
+
+def read_source(source: SourceConfig, collector: _Collector, max_chars: int) -> SourceRows:
     path = Path(source.path).expanduser()
-    if path.is_dir():
+    if path.is_dir() and _written_by_save_to_disk(path):
         return _read_saved_dataset(path, source)
-    if path.exists():
+    if path.is_dir():
+        return _read_hub_dataset(source)  # a dataset repository on disk loads like one on the hub
+    if path.is_file():
         suffix = path.suffix.lower()
-        readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
-                   ".tsv": _read_csv, ".parquet": _read_parquet}
-        if suffix not in readers:
+        if suffix not in FILE_SUFFIXES:
             raise DataError(f"{path}: unsupported file type {suffix or '(none)'}",
                             hint="use .jsonl, .json, .csv, .tsv, .parquet, or a directory written by save_to_disk")
-        return list(readers[suffix](path, problems, on_error))
-    if source.path.startswith((".", "/", "~")) or Path(source.path).suffix.lower() in {".jsonl", ".json", ".csv", ".tsv", ".parquet"}:
-        raise DataError(f"data file not found: {source.path}", hint="paths are relative to the directory you run sftlab from")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the file is empty", hint="point data.train/data.eval at a file with rows")
+        readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+                   ".tsv": _read_csv, ".parquet": _read_parquet}
+        records = list(readers[suffix](path, collector))
+        return SourceRows(str(path), _drop_oversized(records, collector, max_chars))
+    if source.path.startswith((".", "/", "~")) or path.suffix.lower() in FILE_SUFFIXES or source.path.count("/") > 1:
+        raise DataError(f"data file not found: {source.path}", hint="relative paths start from the directory you run sftlab in")
     return _read_hub_dataset(source)
 
 
-def _fail_or_record(problems: list[Problem], on_error: str, file: str, line: int, message: str) -> None:
-    if on_error == "fail":
-        raise DataError(f"{file}:{line}: {message}", hint="fix the row, or set data.on_error: skip to drop bad rows")
-    problems.append(Problem(file, line, message))
+def _drop_oversized(records: list[Record], collector: _Collector, max_chars: int) -> list[Record]:
+    kept = []
+    for record in records:
+        size = _text_size(record.data)
+        if size > max_chars:
+            collector.bad_row(record.source, record.line,
+                              f"example too large: {size:,} characters (data.max_example_chars is {max_chars:,})")
+        else:
+            kept.append(record)
+    return kept
 
 
-def _read_text(path: Path) -> str:
+def _text_size(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_size(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(_text_size(item) for item in value)
+    return 0
+
+
+def _decode(raw: bytes, path: Path, line: int, collector: _Collector) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        collector.bad_row(str(path), line, f"invalid UTF-8 (byte {exc.start} of the line)")
+        return None
+
+
+def _read_jsonl(path: Path, collector: _Collector) -> Iterator[Record]:
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a BOM is not part of the first record
+    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
+        line = _decode(line_bytes, path, number, collector)
+        if line is None or not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            collector.bad_row(str(path), number, f"invalid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        except RecursionError:
+            collector.bad_row(str(path), number, "invalid JSON: nested too deeply")
+            continue
+        if not isinstance(row, dict):
+            collector.bad_row(str(path), number, f"expected a JSON object, got {type(row).__name__}")
+            continue
+        yield Record(row, str(path), number)
+
+
+def _read_whole_text(path: Path) -> str:
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: invalid UTF-8 (byte {exc.start})", hint="re-save the file as UTF-8") from None
+        raise DataError(f"{path}:{line}: invalid UTF-8", hint="re-save the file as UTF-8") from None
 
 
-def _read_jsonl(path: Path, problems: list[Problem], on_error: str) -> Iterator[Record]:
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            _fail_or_record(problems, on_error, str(path), number, f"invalid JSON: {exc.msg} at column {exc.colno}")
-            continue
-        if not isinstance(row, dict):
-            _fail_or_record(problems, on_error, str(path), number, f"expected a JSON object, got {type(row).__name__}")
-            continue
-        yield Record(row, str(path), number)
-
-
-def _read_json(path: Path, problems: list[Problem], on_error: str) -> Iterator[Record]:
-    text = _read_text(path)
+def _read_json(path: Path, collector: _Collector) -> Iterator[Record]:
     try:
-        document = json.loads(text)
+        document = json.loads(_read_whole_text(path))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}", hint="a .json file holds one array of records; use .jsonl for one record per line") from None
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}",
+                        hint="a .json file holds one array of records; use .jsonl for one record per line") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON: nested too deeply") from None
     if isinstance(document, dict):
         lists = [value for value in document.values() if isinstance(value, list)]
         if len(lists) != 1:
-            raise DataError(f"{path}: expected an array of records, or an object holding exactly one list")
+            raise DataError(f"{path}: expected an array of records, or an object holding exactly one list",
+                            hint=f"this object has {len(lists)} lists")
         document = lists[0]
     if not isinstance(document, list):
         raise DataError(f"{path}: expected an array of records, got {type(document).__name__}")
     for number, row in enumerate(document, start=1):
         if not isinstance(row, dict):
-            _fail_or_record(problems, on_error, str(path), number, f"record {number} is not an object")
+            collector.bad_row(str(path), number, f"record {number} is not an object")
             continue
         yield Record(row, str(path), number)
 
 
-def _read_csv(path: Path, problems: list[Problem], on_error: str) -> Iterator[Record]:
+def _read_csv(path: Path, collector: _Collector) -> Iterator[Record]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(_read_text(path).splitlines(keepends=True), delimiter=delimiter)
-    for row in reader:
-        # line_num is where the row ended: rows with quoted newlines span several lines
-        if None in row:
-            _fail_or_record(problems, on_error, str(path), reader.line_num, "more fields than the header has")
-            continue
-        yield Record(dict(row), str(path), reader.line_num)
+    text = _read_whole_text(path)
+    csv.field_size_limit(sys.maxsize)  # long responses are data; size is checked per example instead
+    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
+    try:
+        if not reader.fieldnames:
+            raise DataError(f"{path}: no header row")
+        for row in reader:
+            if None in row:
+                collector.bad_row(str(path), reader.line_num, "more fields than the header has")
+                continue
+            # csv yields None for missing trailing fields: that is a missing value, not text.
+            yield Record({key: value for key, value in row.items() if value is not None}, str(path), reader.line_num)
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
 
 
-def _read_parquet(path: Path, problems: list[Problem], on_error: str) -> Iterator[Record]:
+def _read_parquet(path: Path, collector: _Collector) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
         raise DataError(f"{path}: cannot read Parquet: {exc}") from None
-    for number, row in enumerate(table.to_pylist(), start=1):
+    for number, row in enumerate(rows, start=1):
         yield Record(row, str(path), number)
 
 
-def _read_saved_dataset(path: Path, source: SourceConfig) -> list[Record]:
+def _split_dataset_dict(loaded, label: str, source: SourceConfig) -> SourceRows:
+    """Pick the train split of a DatasetDict, and its own eval split when it has one."""
+    if source.split:
+        if source.split not in loaded:
+            raise DataError(f"{label}: no split {source.split!r} (has {', '.join(loaded)})", hint="set the source's split")
+        return SourceRows(f"{label}[{source.split}]", _records(loaded[source.split], f"{label}[{source.split}]"))
+    train_name = "train" if "train" in loaded else next(iter(loaded))
+    eval_name = next((name for name in EVAL_SPLIT_NAMES if name in loaded and name != train_name), None)
+    rows = SourceRows(f"{label}[{train_name}]", _records(loaded[train_name], f"{label}[{train_name}]"))
+    if eval_name:
+        rows.own_eval = _records(loaded[eval_name], f"{label}[{eval_name}]")
+    return rows
+
+
+def _records(dataset, label: str) -> list[Record]:
+    return [Record(row, label, number) for number, row in enumerate(dataset, start=1)]
+
+
+def _written_by_save_to_disk(path: Path) -> bool:
+    return any((path / name).exists() for name in ("dataset_dict.json", "state.json", "dataset_info.json"))
+
+
+def _read_saved_dataset(path: Path, source: SourceConfig) -> SourceRows:
     import datasets
 
     try:
         loaded = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as exc:
-        raise DataError(f"{path}: not a directory written by datasets' save_to_disk ({exc})") from None
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise DataError(f"{path}: not a directory written by datasets' save_to_disk ({str(exc).splitlines()[0]})") from None
     if isinstance(loaded, datasets.DatasetDict):
-        split = source.split or "train"
-        if split not in loaded:
-            raise DataError(f"{path}: no split {split!r} (has {', '.join(loaded)})", hint="set the source's split")
-        loaded = loaded[split]
-    return [Record(row, str(path), number) for number, row in enumerate(loaded, start=1)]
+        return _split_dataset_dict(loaded, str(path), source)
+    return SourceRows(str(path), _records(loaded, str(path)))
 
 
-def _read_hub_dataset(source: SourceConfig) -> list[Record]:
+def _read_hub_dataset(source: SourceConfig) -> SourceRows:
     import datasets
 
-    split = source.split or "train"
     try:
-        loaded = datasets.load_dataset(source.path, source.name, split=split)
+        loaded = datasets.load_dataset(source.path, source.name)
     except Exception as exc:  # the hub client raises many types: offline, missing repo, missing config...
-        raise DataError(f"cannot load dataset {source.path!r} (config {source.name}, split {split}): {str(exc).splitlines()[0]}",
-                        hint="check the path or hub id; offline (HF_HUB_OFFLINE=1) only cached datasets load") from None
-    label = f"{source.path}[{split}]"
-    return [Record(row, label, number) for number, row in enumerate(loaded, start=1)]
+        raise DataError(f"cannot load dataset {source.path!r} (config {source.name}): {str(exc).strip().splitlines()[0]}",
+                        hint="check the path or hub id; with HF_HUB_OFFLINE=1 only cached datasets load") from None
+    return _split_dataset_dict(loaded, source.path, source)
 
 
-# --------------------------------------------------------------------------- formats
+# =========================================================================== formats
 
 
 def detect_format(columns: set[str], template: str | None = None) -> str | None:
@@ -219,27 +341,22 @@ def detect_format(columns: set[str], template: str | None = None) -> str | None:
 def to_example(record: Record, fmt: str, template: str | None = None) -> Example:
     """Normalize one record; raises BadRow with the reason when it cannot be used."""
     data = record.data
-    used: set[str]
+    tools = data.get("tools") if isinstance(data.get("tools"), list) else None
     if fmt == "messages":
-        messages, used = _checked_messages(_field(data, "messages"), "role", "content", None), {"messages"}
+        messages, used = checked_messages(_field(data, "messages"), "role", "content", None), {"messages", "tools"}
     elif fmt == "sharegpt":
-        messages, used = _checked_messages(_field(data, "conversations"), "from", "value", SHAREGPT_ROLES), {"conversations"}
+        messages, used = checked_messages(_field(data, "conversations"), "from", "value", SHAREGPT_ROLES), {"conversations", "tools"}
     elif fmt == "alpaca":
-        instruction, output = _text(data, "instruction"), _text(data, "output")
-        extra = data.get("input") or ""
-        if not isinstance(extra, str):
-            raise BadRow("field 'input' is not text")
-        messages = [{"role": "system", "content": data["system"]}] if isinstance(data.get("system"), str) and data["system"] else []
-        messages += [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction},
-                     {"role": "assistant", "content": output}]
-        messages, used = _checked_messages(messages, "role", "content", None), {"instruction", "input", "output", "system"}
+        messages, used = _alpaca_messages(data), {"instruction", "input", "output", "system"}
     elif fmt == "prompt_completion":
         prompt, completion = _field(data, "prompt"), _field(data, "completion")
-        used = {"prompt", "completion"}
+        used = {"prompt", "completion", "tools"}
         if isinstance(prompt, list) and isinstance(completion, list):
-            messages = _checked_messages(prompt + completion, "role", "content", None)
+            messages = checked_messages(prompt + completion, "role", "content", None)
             if not any(m["role"] == "assistant" for m in messages[len(prompt):]):
-                raise BadRow("completion has no assistant turn")
+                raise BadRow("no assistant turn in the completion")
+        elif isinstance(prompt, list) or isinstance(completion, list):
+            raise BadRow("prompt and completion must both be text or both be message lists")
         else:
             return _raw_example(record, _text(data, "prompt"), _text(data, "completion"), used)
     elif fmt == "template":
@@ -250,12 +367,24 @@ def to_example(record: Record, fmt: str, template: str | None = None) -> Example
     else:
         raise ValueError(f"unknown format {fmt}")
     metadata = {key: value for key, value in data.items() if key not in used}
-    return Example(messages=messages, source=record.source, line=record.line, metadata=metadata)
+    return Example(messages=messages, tools=tools, source=record.source, line=record.line, metadata=metadata)
+
+
+def _alpaca_messages(data: dict) -> list[dict]:
+    instruction, output = _text(data, "instruction"), _text(data, "output")
+    extra = data.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise BadRow(f"field 'input' is {type(extra).__name__}, expected text")
+    system = data.get("system")
+    messages = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+    messages += [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction},
+                 {"role": "assistant", "content": output}]
+    return checked_messages(messages, "role", "content", None)
 
 
 def _raw_example(record: Record, prompt: str, completion: str, used: set[str]) -> Example:
     if not completion.strip():
-        raise BadRow("empty response")
+        raise BadRow("empty or whitespace-only response")
     metadata = {key: value for key, value in record.data.items() if key not in used}
     return Example(prompt=prompt, completion=completion, source=record.source, line=record.line, metadata=metadata)
 
@@ -264,101 +393,199 @@ def _field(data: dict, name: str) -> Any:
     if name not in data:
         raise BadRow(f"missing field {name!r} (has {', '.join(map(str, data)) or 'no fields'})")
     if data[name] is None:
-        raise BadRow(f"field {name!r} is null")
+        raise BadRow(f"null field {name!r}")
     return data[name]
 
 
 def _text(data: dict, name: str) -> str:
     value = _field(data, name)
     if not isinstance(value, str):
-        raise BadRow(f"field {name!r} is {type(value).__name__}, expected text")
+        raise BadRow(f"non-text field {name!r}: {type(value).__name__}")
     return value
 
 
-def _checked_messages(turns: Any, role_key: str, content_key: str, role_map: dict | None) -> list[dict[str, str]]:
+def checked_messages(turns: Any, role_key: str, content_key: str, role_map: dict | None) -> list[dict[str, Any]]:
+    """Validate and normalize a conversation to OpenAI-style role/content messages."""
     if not isinstance(turns, list) or not turns:
-        raise BadRow("conversation is empty or not a list")
+        raise BadRow("empty conversation" if isinstance(turns, list) else "conversation is not a list")
     messages = []
     for index, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict):
             raise BadRow(f"turn {index} is not an object")
         role = turn.get(role_key)
         if not isinstance(role, str):
-            raise BadRow(f"turn {index} has no {role_key!r}")
+            raise BadRow(f"missing role in turn {index} (no {role_key!r})")
         role = role_map.get(role.lower(), role) if role_map else role
         if role not in ROLES:
-            raise BadRow(f"turn {index} has unknown role {role!r}")
-        content = _content_text(turn.get(content_key), index)
-        messages.append({"role": role, "content": content})
+            raise BadRow(f"unknown role {role!r} in turn {index}")
+        message = {"role": role, "content": _content_text(turn.get(content_key), index, role, turn)}
+        for key in ("tool_calls", "name", "tool_call_id"):
+            if turn.get(key) is not None:
+                message[key] = turn[key]
+        messages.append(message)
+    _check_role_order(messages)
     assistant_turns = [m for m in messages if m["role"] == "assistant"]
     if not assistant_turns:
         raise BadRow("no assistant turn")
-    if any(not m["content"].strip() for m in assistant_turns):
-        raise BadRow("empty or whitespace-only assistant response")
+    if any(not m["content"].strip() and not m.get("tool_calls") for m in assistant_turns):
+        raise BadRow("empty or whitespace-only response")
     return messages
 
 
-def _content_text(content: Any, index: int) -> str:
+def _content_text(content: Any, index: int, role: str, turn: dict) -> str:
     if isinstance(content, str):
         return content
     if content is None:
-        raise BadRow(f"turn {index} has null content")
+        if role == "assistant" and turn.get("tool_calls"):
+            return ""
+        raise BadRow(f"null content in turn {index}")
     if isinstance(content, list):  # OpenAI-style content parts
         texts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise BadRow(f"turn {index} has non-text content")
-            texts.append(part["text"])
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise BadRow(f"non-text content in turn {index} ({kind})")
         return "".join(texts)
-    raise BadRow(f"turn {index} content is {type(content).__name__}, expected text")
+    raise BadRow(f"non-text content in turn {index} ({type(content).__name__})")
+
+
+def _check_role_order(messages: list[dict]) -> None:
+    previous = None
+    for index, message in enumerate(messages, start=1):
+        role = message["role"]
+        if role == "system" and previous is not None:
+            raise BadRow(f"roles out of order: system message at turn {index}, after the conversation started")
+        if role == "tool" and previous not in {"assistant", "tool"}:
+            raise BadRow(f"roles out of order: tool result at turn {index} does not follow an assistant turn")
+        if role == "assistant" and previous in {None, "system"}:
+            raise BadRow(f"roles out of order: assistant speaks first (turn {index})")
+        if role in {"user", "assistant"} and role == previous:
+            raise BadRow(f"roles out of order: two {role} turns in a row (turns {index - 1} and {index})")
+        previous = role
 
 
 def _apply_template(template: str, data: dict) -> tuple[str, str, set[str]]:
-    """Split a formatting template at its last field: before it is prompt, from it on is response."""
-    import string
-
-    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    """Split a formatting template at its last field: before it is the prompt, from it on the response."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError as exc:
+        raise DataError(f"data.template is not a valid template: {exc}", hint='use {field} placeholders, e.g. "Q: {question}\\nA: {answer}"') from None
     if not fields:
-        raise BadRow("data.template has no {field} placeholders")
+        raise DataError("data.template has no {field} placeholders", hint='e.g. "### Question: {question}\\n### Answer: {answer}"')
     missing = [name for name in fields if name not in data]
     if missing:
-        raise BadRow(f"missing field {missing[0]!r} used by data.template")
+        raise BadRow(f"missing field {missing[0]!r} (used by data.template; row has {', '.join(map(str, data))})")
     values = {name: "" if data[name] is None else str(data[name]) for name in fields}
     if not values[fields[-1]].strip():
-        raise BadRow(f"empty response field {fields[-1]!r}")
+        raise BadRow(f"empty or whitespace-only response in field {fields[-1]!r}")
     cut = template.rindex("{" + fields[-1])
-    return template[:cut].format(**values), template[cut:].format(**values), set(fields)
+    try:
+        return template[:cut].format(**values), template[cut:].format(**values), set(fields)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise DataError(f"data.template cannot be filled: {exc}") from None
 
 
-# --------------------------------------------------------------------------- tokenization
+# =========================================================================== rendering and masks
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+@dataclass
+class Rendered:
+    """Text to tokenize, and the character spans of the responses in it."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    add_special_tokens: bool = False  # raw text gets the tokenizer's BOS; chat templates write their own
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]] | None:
-    """Render a conversation and find the character span of each assistant turn.
+class TemplateRejected(BadRow):
+    """The chat template raised an error for this conversation."""
 
-    A turn's span starts where its rendering departs from the generation prompt (so the
-    role header the template writes is not trained) and ends after its end-of-turn token.
-    Returns None if the template is not prefix-preserving for this conversation.
-    """
-    full = render(tokenizer, messages)
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools=None) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             tools=tools)
+    except Exception as exc:  # jinja's TemplateError, or a raise_exception() inside the template
+        raise TemplateRejected(f"chat template rejects this conversation: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def render_example(tokenizer, example: Example) -> list[Rendered]:
+    """Render one example; several when the chat template is not prefix-preserving for it."""
+    if example.messages is None:
+        text = example.prompt + example.completion + (tokenizer.eos_token or "")
+        return [Rendered(text, [(len(example.prompt), len(text))], add_special_tokens=True)]
+    messages = example.messages
+    try:
+        return _render_conversation(tokenizer, messages, example.tools)
+    except TemplateRejected as rejected:
+        # Some templates (Gemma) refuse a system role: fold it into the first user turn, as their docs advise.
+        if messages[0]["role"] != "system" or "system" not in str(rejected).lower():
+            raise
+        merged = [{**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}, *messages[2:]]
+        return _render_conversation(tokenizer, merged, example.tools)
+
+
+def _render_conversation(tokenizer, messages: list[dict], tools) -> list[Rendered]:
+    full = render(tokenizer, messages, tools=tools)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        through = render(tokenizer, messages[: index + 1])
-        if not full.startswith(through):
-            return None
-        prompt = render(tokenizer, messages[:index], add_generation_prompt=True) if index else ""
-        start = _common_prefix_length(prompt, through)
-        start = max(start, len(render(tokenizer, messages[:index])) if index else 0)
-        end = len(through.rstrip())
-        if end > start:
-            spans.append((start, end))
-    return full, spans
+        span = _turn_span(tokenizer, messages, index, tools)
+        if span is None or not full.startswith(render(tokenizer, messages[: index + 1], tools=tools)):
+            return _render_turn_by_turn(tokenizer, messages, tools)
+        spans.append(span)
+    return [Rendered(full, spans)]
+
+
+def _turn_span(tokenizer, messages: list[dict], index: int, tools) -> tuple[int, int] | None:
+    """Span of assistant turn `index` in the rendering of messages[:index + 1]; None if the template
+    does not show the response as written (it rewrote it, e.g. by dropping reasoning)."""
+    through = render(tokenizer, messages[: index + 1], tools=tools)
+    prompt = render(tokenizer, messages[:index], add_generation_prompt=True, tools=tools) if index else ""
+    start = _common_prefix_length(prompt, through)
+    end = len(through.rstrip())
+    content = (messages[index].get("content") or "").strip()
+    if end <= start or (content and content not in through[start:end]):
+        return None
+    return start, end
+
+
+def _render_turn_by_turn(tokenizer, messages: list[dict], tools) -> list[Rendered]:
+    """One example per assistant turn, exactly as the model sees it at inference:
+    history (as the template renders it) + generation prompt + response + end-of-turn marker."""
+    pieces = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(tokenizer, messages[:index], add_generation_prompt=True, tools=tools)
+        if message.get("tool_calls"):
+            span = _turn_span(tokenizer, messages, index, tools)
+            if span is not None:
+                pieces.append(Rendered(render(tokenizer, messages[: index + 1], tools=tools), [span]))
+            continue
+        response = _strip_prompt_overlap(prompt, message["content"])
+        text = prompt + response + end_of_turn_marker(tokenizer, messages[:index], tools)
+        pieces.append(Rendered(text, [(len(prompt), len(text.rstrip()))]))
+    return pieces
+
+
+def end_of_turn_marker(tokenizer, history: list[dict], tools=None) -> str:
+    """What the template writes after an assistant response (e.g. '<|im_end|>\\n')."""
+    rendered = render(tokenizer, [*history, {"role": "assistant", "content": SENTINEL}], tools=tools)
+    return rendered[rendered.index(SENTINEL) + len(SENTINEL):] if SENTINEL in rendered else (tokenizer.eos_token or "")
+
+
+def _strip_prompt_overlap(prompt: str, response: str) -> str:
+    """A response that repeats the end of the generation prompt (DeepSeek-R1's '<think>\\n') loses the repeat."""
+    for size in range(min(len(prompt), len(response)), 0, -1):
+        if prompt.endswith(response[:size]) and response[:size].strip():
+            return response[size:]
+    return response
 
 
 def _common_prefix_length(a: str, b: str) -> int:
@@ -369,107 +596,398 @@ def _common_prefix_length(a: str, b: str) -> int:
     return length
 
 
-def tokenize_example(tokenizer, example: Example, assistant_only_loss: bool) -> list[tuple[list[int], list[int]]]:
-    """Token ids and trained-token masks for one example (several when the template rewrites history)."""
-    if example.messages is None:
-        prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"] if example.prompt else []
-        completion_ids = tokenizer(example.completion, add_special_tokens=not example.prompt)["input_ids"]
-        ids = prompt_ids + completion_ids + [tokenizer.eos_token_id]
-        mask = [0 if assistant_only_loss else 1] * len(prompt_ids) + [1] * (len(completion_ids) + 1)
-        return [(ids, mask)]
-    rendered = assistant_spans(tokenizer, example.messages)
-    if rendered is not None:
-        return [_ids_and_mask(tokenizer, *rendered, assistant_only_loss)]
-    # Not prefix-preserving: one example per assistant turn, trained on that turn only.
-    pieces = []
-    for index, message in enumerate(example.messages):
-        if message["role"] == "assistant":
-            text, spans = assistant_spans(tokenizer, example.messages[: index + 1]) or (None, [])
-            if text is not None and spans:
-                pieces.append(_ids_and_mask(tokenizer, text, spans[-1:], assistant_only_loss))
-    return pieces
+def tokenize_rendered(tokenizer, rendered: list[Rendered], batch_size: int = 1000) -> tuple[list[list[int]], list[list[int]]]:
+    """Batched tokenization; a token is a response token when it starts inside a response span."""
+    all_ids: list[list[int]] = [[] for _ in rendered]
+    all_masks: list[list[int]] = [[] for _ in rendered]
+    for flag in (False, True):
+        indices = [i for i, item in enumerate(rendered) if item.add_special_tokens == flag]
+        for chunk_start in range(0, len(indices), batch_size):
+            chunk = indices[chunk_start: chunk_start + batch_size]
+            encoded = tokenizer([rendered[i].text for i in chunk], add_special_tokens=flag, return_offsets_mapping=True)
+            for position, i in enumerate(chunk):
+                all_ids[i] = encoded["input_ids"][position]
+                all_masks[i] = _span_mask(encoded["offset_mapping"][position], rendered[i].spans, flag)
+    return all_ids, all_masks
 
 
-def _ids_and_mask(tokenizer, text: str, spans: list[tuple[int, int]], assistant_only_loss: bool):
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoded["input_ids"]
-    if not assistant_only_loss:
-        return ids, [1] * len(ids)
-    mask = [1 if any(start <= token_start < end for start, end in spans) else 0 for token_start, _ in encoded["offset_mapping"]]
-    return ids, mask
+def _span_mask(offsets, spans: list[tuple[int, int]], has_special_prefix: bool) -> list[int]:
+    starts = [start for start, _ in spans]
+    mask = []
+    for token_start, token_end in offsets:
+        if token_start == token_end == 0 and has_special_prefix and not mask:
+            mask.append(0)  # the BOS token the tokenizer added
+            continue
+        slot = bisect_left(starts, token_start + 1) - 1
+        mask.append(1 if slot >= 0 and spans[slot][0] <= token_start < spans[slot][1] else 0)
+    return mask
 
 
-# --------------------------------------------------------------------------- the stage
+# =========================================================================== the stage
 
 
 @dataclass
 class PreparedData:
-    train: Any  # datasets.Dataset with input_ids and assistant_masks
+    train: Any  # datasets.Dataset: input_ids, assistant_masks
     eval: Any | None
     eval_examples: list[Example]
     audit: dict[str, Any]
 
 
-def load_examples(sources: list[SourceConfig], cfg: DataConfig, problems: list[Problem],
-                  formats: dict[str, str], dropped: dict[str, int]) -> list[Example]:
-    examples: list[Example] = []
-    for source in sources:
-        records = read_source(source, problems, cfg.on_error)
-        if not records:
-            raise DataError(f"{source.path}: no rows", hint="the file is empty")
-        columns = set().union(*(record.data.keys() for record in records[:100]))
-        fmt = cfg.format or detect_format(columns, cfg.template)
-        if fmt is None:
-            raise DataError(f"{source.path}: cannot tell the data format from its columns ({', '.join(sorted(map(str, columns)))})",
-                            hint="set data.format (messages, sharegpt, alpaca, prompt_completion, text) or data.template")
-        formats[source.path] = fmt
-        for record in records:
-            try:
-                examples.append(to_example(record, fmt, cfg.template))
-            except BadRow as reason:
-                _fail_or_record(problems, cfg.on_error, record.source, record.line, str(reason))
-                dropped[str(reason).split(" (")[0]] = dropped.get(str(reason).split(" (")[0], 0) + 1
+def prepare_data(cfg: DataConfig, tokenizer, assistant_only_loss: bool = True, seed: int = 42,
+                 max_length: int | None = None, cache_dir: Path | None = None) -> PreparedData:
+    """Load, audit, split and tokenize train and eval data. Raises DataError when training cannot go ahead."""
+    cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
+    key = cache_key(cfg, tokenizer, assistant_only_loss, seed, max_length)
+    if cache_dir and (cached := _load_cached(cache_dir / key)) is not None:
+        return cached
+    prepared = _prepare(cfg, tokenizer, assistant_only_loss, seed, max_length)
+    if cache_dir:
+        _save_cached(cache_dir / key, prepared)
+    return prepared
+
+
+def _prepare(cfg: DataConfig, tokenizer, assistant_only_loss: bool, seed: int, max_length: int | None) -> PreparedData:
+    collector = _Collector(cfg.on_error)
+    formats: dict[str, str] = {}
+    counts: dict[str, dict[str, int]] = {}
+
+    # 1. Read and normalize every source; a source's own test split becomes eval data.
+    train_by_source, own_eval = [], []
+    for source in source_list(cfg.train):
+        rows = read_source(source, collector, cfg.max_example_chars)
+        examples = _normalize(rows.label, rows.records, cfg, collector, formats, counts)
+        train_by_source.append((source, examples))
+        if rows.own_eval:
+            own_eval += _normalize(rows.label + " (its eval split)", rows.own_eval, cfg, collector, formats, counts)
+    eval_examples = []
+    for source in source_list(cfg.eval):
+        rows = read_source(source, collector, cfg.max_example_chars)
+        eval_examples += _normalize(rows.label, rows.records, cfg, collector, formats, counts)
+    if not cfg.eval:
+        eval_examples = own_eval
+
+    # 2. Duplicates and leakage: each example once, and never in both train and eval.
+    duplicates = {"exact": 0, "near": 0, "examples": []}
+    seen: dict[str, Example] = {}
+    train_by_source = [(source, _dedup(examples, seen, duplicates, collector, cfg.dedup))
+                       for source, examples in train_by_source]
+    eval_examples = _dedup(eval_examples, {}, duplicates, collector, cfg.dedup)
+    eval_keys = {_near_key(example) for example in eval_examples}
+    leaked = 0
+    for position, (source, examples) in enumerate(train_by_source):
+        kept = [example for example in examples if _near_key(example) not in eval_keys]
+        leaked += len(examples) - len(kept)
+        train_by_source[position] = (source, kept)
+    if leaked:
+        collector.drop("also in eval (leakage)", leaked)
+
+    # 3. A seeded eval split when no eval data was given, after de-duplication.
+    rng = random.Random(seed)
+    if not eval_examples and cfg.eval_split > 0:
+        pooled = [(source, example) for source, examples in train_by_source for example in examples]
+        rng.shuffle(pooled)
+        held_out = max(1, round(len(pooled) * cfg.eval_split)) if len(pooled) > 1 else 0
+        eval_examples = [example for _, example in pooled[:held_out]]
+        held = {id(example) for example in eval_examples}
+        train_by_source = [(source, [e for e in examples if id(e) not in held]) for source, examples in train_by_source]
+
+    # 4. Mix sources by weight (fraction < 1 samples, weight > 1 repeats).
+    train_examples = []
+    for source, examples in train_by_source:
+        train_examples += _weighted(examples, source.weight, rng)
+    if not train_examples:
+        raise DataError("no usable training rows", hint=_why_empty(collector))
+
+    # 5. Render with the chat template and tokenize: exactly what the trainer receives.
+    train_ids, train_masks, train_shown = _tokenize_examples(tokenizer, train_examples, collector)
+    eval_ids, eval_masks, _ = _tokenize_examples(tokenizer, eval_examples, collector)
+    if not train_ids:
+        raise DataError("no training row could be rendered with the model's chat template", hint=_why_empty(collector))
+
+    audit = build_audit(
+        tokenizer, train_ids, train_masks, eval_ids, eval_masks, train_shown, formats, counts, collector,
+        duplicates, leaked, max_length, cfg, assistant_only_loss,
+    )
+    trained_masks = train_masks if assistant_only_loss else [[1] * len(ids) for ids in train_ids]
+    eval_trained = eval_masks if assistant_only_loss else [[1] * len(ids) for ids in eval_ids]
+    return PreparedData(
+        train=_dataset(train_ids, trained_masks),
+        eval=_dataset(eval_ids, eval_trained) if eval_ids else None,
+        eval_examples=eval_examples,
+        audit=audit,
+    )
+
+
+def _normalize(label: str, records: list[Record], cfg: DataConfig, collector: _Collector,
+               formats: dict[str, str], counts: dict[str, dict[str, int]]) -> list[Example]:
+    if not records:
+        if collector.problems or collector.dropped:
+            return []
+        raise DataError(f"{label}: no rows", hint="the file holds no records")
+    columns = set().union(*(record.data.keys() for record in records[:1000]))
+    fmt = cfg.format or detect_format(columns, cfg.template)
+    if fmt is None:
+        raise DataError(f"{records[0].source}:{records[0].line}: cannot tell the data format from the columns "
+                        f"({', '.join(sorted(map(str, columns)))})",
+                        hint="set data.format (messages, sharegpt, alpaca, prompt_completion, text) or data.template")
+    formats[label] = fmt
+    examples = []
+    for record in records:
+        try:
+            examples.append(to_example(record, fmt, cfg.template))
+        except BadRow as reason:
+            collector.bad_row(record.source, record.line, str(reason))
+    counts[label] = {"rows": len(records), "usable": len(examples)}
     return examples
 
 
-def prepare_data(cfg: DataConfig, tokenizer, assistant_only_loss: bool = True, seed: int = 42) -> PreparedData:
-    """Load, normalize, split and tokenize train and eval data; audit what was done."""
+def _near_key(example: Example) -> str:
+    return re.sub(r"[\W_]+", " ", example.key().casefold()).strip()
+
+
+def _dedup(examples: list[Example], seen: dict[str, Example], duplicates: dict, collector: _Collector,
+           enabled: bool) -> list[Example]:
+    if not enabled:
+        return examples
+    exact_seen = {example.key() for example in seen.values()}
+    kept = []
+    for example in examples:
+        near = _near_key(example)
+        if near in seen:
+            kind = "exact" if example.key() in exact_seen else "near"
+            duplicates[kind] += 1
+            if len(duplicates["examples"]) < 5:
+                first = seen[near]
+                duplicates["examples"].append({"kind": kind, "first": f"{first.source}:{first.line}",
+                                               "again": f"{example.source}:{example.line}"})
+            collector.drop(f"{kind} duplicate")
+            continue
+        seen[near] = example
+        exact_seen.add(example.key())
+        kept.append(example)
+    return kept
+
+
+def _weighted(examples: list[Example], weight: float | None, rng: random.Random) -> list[Example]:
+    if weight is None or weight == 1:
+        return examples
+    whole, part = int(weight), weight - int(weight)
+    return examples * whole + rng.sample(examples, round(len(examples) * part))
+
+
+def _tokenize_examples(tokenizer, examples: list[Example], collector: _Collector):
+    rendered, owners = [], []
+    for example in examples:
+        try:
+            pieces = render_example(tokenizer, example)
+        except BadRow as reason:
+            collector.bad_row(example.source, example.line, str(reason))
+            continue
+        rendered += pieces
+        owners += [example] * len(pieces)
+    ids, masks = tokenize_rendered(tokenizer, rendered)
+    return ids, masks, owners
+
+
+def _dataset(ids: list[list[int]], masks: list[list[int]]):
     import datasets
 
-    problems: list[Problem] = []
-    formats: dict[str, str] = {}
-    dropped: dict[str, int] = {}
-    train_examples = load_examples(source_list(cfg.train), cfg, problems, formats, dropped)
-    eval_examples = load_examples(source_list(cfg.eval), cfg, problems, formats, dropped) if cfg.eval else []
-    if not cfg.eval and cfg.eval_split > 0 and len(train_examples) > 1:
-        random.Random(seed).shuffle(train_examples)
-        held_out = max(1, round(len(train_examples) * cfg.eval_split))
-        eval_examples, train_examples = train_examples[:held_out], train_examples[held_out:]
-    if not train_examples:
-        raise DataError("no usable training rows", hint="see the problems listed above")
-
-    def tokenized(examples: list[Example]):
-        ids, masks = [], []
-        for example in examples:
-            for example_ids, mask in tokenize_example(tokenizer, example, assistant_only_loss):
-                ids.append(example_ids)
-                masks.append(mask)
-        return datasets.Dataset.from_dict({"input_ids": ids, "assistant_masks": masks})
-
-    train, evaluation = tokenized(train_examples), tokenized(eval_examples) if eval_examples else None
-    audit = _audit(train, evaluation, formats, dropped, problems)
-    return PreparedData(train=train, eval=evaluation, eval_examples=eval_examples, audit=audit)
+    return datasets.Dataset.from_dict({"input_ids": ids, "assistant_masks": masks})
 
 
-def _audit(train, evaluation, formats, dropped, problems) -> dict[str, Any]:
-    trained = sum(sum(mask) for mask in train["assistant_masks"])
-    total = sum(len(ids) for ids in train["input_ids"])
-    return {
+def _why_empty(collector: _Collector) -> str:
+    if not collector.dropped:
+        return "the data holds no rows"
+    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(collector.dropped.items(), key=lambda kv: -kv[1]))
+    return f"every row was dropped: {reasons}"
+
+
+# =========================================================================== audit
+
+
+def build_audit(tokenizer, train_ids, train_masks, eval_ids, eval_masks, owners, formats, counts, collector,
+                duplicates, leaked, max_length, cfg: DataConfig, assistant_only_loss: bool) -> dict[str, Any]:
+    prompt_lengths = [len(mask) - sum(mask) for mask in train_masks]
+    response_lengths = [sum(mask) for mask in train_masks]
+    total_tokens = sum(len(ids) for ids in train_ids)
+    trained_tokens = sum(response_lengths) if assistant_only_loss else total_tokens
+    truncation = _truncation(train_ids, train_masks, max_length)
+    eot_untrained = _untrained_end_of_turn(tokenizer, train_ids, train_masks) if assistant_only_loss else 0
+    rows_in = sum(count["rows"] for count in counts.values())
+    audit: dict[str, Any] = {
         "ok": True,
-        "splits": {"train": {"rows": len(train)}, "eval": {"rows": len(evaluation) if evaluation is not None else 0}},
+        "splits": {"train": {"rows": len(train_ids), "tokens": total_tokens},
+                   "eval": {"rows": len(eval_ids), "tokens": sum(len(ids) for ids in eval_ids)}},
+        "sources": counts,
         "formats": formats,
-        "dropped": {"count": sum(dropped.values()), "reasons": dropped},
-        "problems": [problem.__dict__ for problem in problems],
-        "trained_token_share": trained / total if total else 0.0,
-        "tokens": {"train": total, "trained": trained},
+        "dropped": {"count": sum(collector.dropped.values()), "reasons": collector.dropped},
+        "problems": [asdict(problem) for problem in collector.problems],
+        "duplicates": {**duplicates, "leakage": leaked},
+        "lengths": {"prompt": _distribution(prompt_lengths), "response": _distribution(response_lengths),
+                    "total": _distribution([len(ids) for ids in train_ids])},
+        "truncation": truncation,
+        "trained_token_share": trained_tokens / total_tokens if total_tokens else 0.0,
+        "trained_tokens": trained_tokens,
+        "end_of_turn_untrained": eot_untrained,
+        "examples": [_marked_example(tokenizer, owners[i], train_ids[i], train_masks[i] if assistant_only_loss else [1] * len(train_ids[i]))
+                     for i in range(min(3, len(train_ids)))],
+        "warnings": [],
+        "errors": [],
     }
+    _judge(audit, cfg, rows_in)
+    return audit
+
+
+def _distribution(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {"min": 0, "median": 0, "p95": 0, "max": 0, "mean": 0}
+    ordered = sorted(values)
+    return {"min": ordered[0], "median": median(ordered), "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+            "max": ordered[-1], "mean": round(sum(ordered) / len(ordered), 1)}
+
+
+def _truncation(ids, masks, max_length: int | None) -> dict[str, Any]:
+    if not max_length:
+        return {"max_length": None, "examples_over": 0, "tokens_cut": 0, "trained_tokens_cut": 0, "examples_emptied": 0}
+    over = [i for i, row in enumerate(ids) if len(row) > max_length]
+    return {
+        "max_length": max_length,
+        "examples_over": len(over),
+        "tokens_cut": sum(len(ids[i]) - max_length for i in over),
+        "trained_tokens_cut": sum(sum(masks[i][max_length:]) for i in over),
+        # TRL keeps the start: a row whose responses all lie past max_length trains nothing and is dropped.
+        "examples_emptied": sum(1 for i in over if not any(masks[i][:max_length])),
+    }
+
+
+def _untrained_end_of_turn(tokenizer, ids, masks) -> int:
+    """Rows that train no end-of-turn token: the model would never learn to stop."""
+    stops = {tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)} - {None}
+    return sum(1 for row, mask in zip(ids, masks) if not any(bit and token in stops for token, bit in zip(row, mask)))
+
+
+def end_of_turn_token_id(tokenizer) -> int | None:
+    """The first token the chat template writes after an assistant response (<|im_end|>, <|eot_id|>, ...)."""
+    if not tokenizer.chat_template:
+        return None
+    try:
+        marker = end_of_turn_marker(tokenizer, [{"role": "user", "content": "hi"}]).strip()
+    except BadRow:
+        return None
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+    return ids[0] if ids else None
+
+
+def _marked_example(tokenizer, example: Example, ids: list[int], mask: list[int]) -> dict[str, Any]:
+    """The example as trained: runs of tokens, each marked trained or not."""
+    segments, run, state = [], [], None
+    for token, bit in zip(ids, mask):
+        if state is not None and bit != state:
+            segments.append({"text": tokenizer.decode(run), "trained": bool(state)})
+            run = []
+        run.append(token)
+        state = bit
+    if run:
+        segments.append({"text": tokenizer.decode(run), "trained": bool(state)})
+    return {"source": example.source, "line": example.line, "segments": segments}
+
+
+def _judge(audit: dict, cfg: DataConfig, rows_in: int) -> None:
+    """Warnings (training can go ahead) and errors (it cannot), by the configured thresholds."""
+    limits = cfg.warn_if
+    train_rows = audit["splits"]["train"]["rows"]
+    warn = audit["warnings"].append
+    duplicates = audit["duplicates"]["exact"] + audit["duplicates"]["near"]
+    if rows_in and duplicates / rows_in > limits.duplicate_share:
+        warn(f"{duplicates} duplicate rows ({duplicates / rows_in:.1%}) were removed: check how the data was collected")
+    if audit["duplicates"]["leakage"] > limits.leakage_rows:
+        warn(f"{audit['duplicates']['leakage']} training rows also appear in eval and were removed from train")
+    if rows_in and audit["dropped"]["count"] / rows_in > limits.dropped_share:
+        warn(f"{audit['dropped']['count']} of {rows_in} rows dropped ({audit['dropped']['count'] / rows_in:.1%})")
+    truncation = audit["truncation"]
+    if train_rows and truncation["examples_over"] / train_rows > limits.truncated_share:
+        warn(f"{truncation['examples_over']} examples exceed max_length {truncation['max_length']}: "
+             f"{truncation['trained_tokens_cut']} trained tokens would be cut; raise training.max_length or shorten them")
+    if audit["trained_token_share"] < limits.trained_token_share_below:
+        warn(f"only {audit['trained_token_share']:.1%} of tokens are trained: prompts dominate the data")
+    if audit["end_of_turn_untrained"]:
+        warn(f"{audit['end_of_turn_untrained']} examples do not train the end-of-turn token: the model may not learn to stop")
+    if not audit["splits"]["eval"]["rows"]:
+        warn("no eval data: overfitting cannot be detected (set data.eval or data.eval_split)")
+    if train_rows and truncation["examples_emptied"] == train_rows:
+        audit["errors"].append(f"every example loses all its trained tokens to max_length {truncation['max_length']}")
+    audit["ok"] = not audit["errors"]
+
+
+# =========================================================================== cache
+
+
+def default_cache_dir() -> Path | None:
+    if os.environ.get("SFTLAB_NO_CACHE"):
+        return None
+    root = os.environ.get("SFTLAB_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "sftlab")
+    return Path(root) / "prepared"
+
+
+def cache_key(cfg: DataConfig, tokenizer, assistant_only_loss: bool, seed: int, max_length: int | None) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([CACHE_VERSION, cfg.model_dump(mode="json"), assistant_only_loss, seed, max_length],
+                             sort_keys=True).encode())
+    digest.update(_tokenizer_fingerprint(tokenizer).encode())
+    for source in source_list(cfg.train) + source_list(cfg.eval):
+        digest.update(_source_fingerprint(source).encode())
+    return digest.hexdigest()[:32]
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256((vocabulary + str(tokenizer.chat_template) + str(tokenizer.eos_token)).encode()).hexdigest()
+
+
+def _source_fingerprint(source: SourceConfig) -> str:
+    path = Path(source.path).expanduser()
+    if path.is_file():
+        return _file_hash(path)
+    if path.is_dir():
+        return "".join(_file_hash(p) for p in sorted(path.rglob("*")) if p.is_file())
+    return f"hub:{source.path}:{source.name}:{source.split}"  # hub data is versioned by its own cache
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _save_cached(directory: Path, prepared: PreparedData) -> None:
+    partial = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
+    try:
+        prepared.train.save_to_disk(str(partial / "train"))
+        if prepared.eval is not None:
+            prepared.eval.save_to_disk(str(partial / "eval"))
+        (partial / "eval_examples.jsonl").write_text(
+            "".join(json.dumps(asdict(example), default=str) + "\n" for example in prepared.eval_examples), encoding="utf-8")
+        (partial / "audit.json").write_text(json.dumps(prepared.audit), encoding="utf-8")
+        partial.rename(directory)  # complete or absent: a killed run never leaves half an entry
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)  # a cache that cannot be written costs time, not correctness
+
+
+def _load_cached(directory: Path) -> PreparedData | None:
+    if not (directory / "audit.json").exists():
+        return None
+    import datasets
+
+    try:
+        train = datasets.load_from_disk(str(directory / "train"))
+        evaluation = datasets.load_from_disk(str(directory / "eval")) if (directory / "eval").exists() else None
+        examples = [Example(**json.loads(line)) for line in (directory / "eval_examples.jsonl").read_text(encoding="utf-8").splitlines()]
+        audit = json.loads((directory / "audit.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return None
+    audit["cached"] = True
+    return PreparedData(train=train, eval=evaluation, eval_examples=examples, audit=audit)

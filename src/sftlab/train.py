@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sftlab.config import SftlabConfig
 from sftlab.data import prepare_data
-from sftlab.errors import ConfigError, UserError
+from sftlab.errors import ConfigError, DataError, UserError
 from sftlab.model import add_default_chat_template, load_model, load_tokenizer, peft_config
 from sftlab.monitor import METRICS_FILE, MetricsLogger, ProgressBar, trim_metrics
 
@@ -47,6 +47,7 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
 
     # 2-3. Tokenizer, then data tokenized with it: exactly what `sftlab check` audits.
     tokenizer, data = tokenizer_and_data(cfg)
+    refuse_if_not_trainable(data.audit)
 
     # 4. SFTConfig from the `training` section, validated by TRL itself.
     args = build_sft_config(cfg, has_eval=data.eval is not None)
@@ -95,8 +96,14 @@ def tokenizer_and_data(cfg: SftlabConfig):
     tokenizer = load_tokenizer(cfg.model)
     add_default_chat_template(tokenizer)
     assistant_only_loss = bool(cfg.training.get("assistant_only_loss", True))
-    data = prepare_data(cfg.data, tokenizer, assistant_only_loss=assistant_only_loss, seed=cfg.training["seed"])
+    data = prepare_data(cfg.data, tokenizer, assistant_only_loss=assistant_only_loss, seed=cfg.training["seed"],
+                        max_length=cfg.training.get("max_length"))
     return tokenizer, data
+
+
+def refuse_if_not_trainable(audit: dict) -> None:
+    if not audit["ok"]:
+        raise DataError(f"the data cannot be trained: {'; '.join(audit['errors'])}", hint="run `sftlab check` for the full audit")
 
 
 def build_sft_config(cfg: SftlabConfig, has_eval: bool):
