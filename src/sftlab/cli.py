@@ -163,7 +163,6 @@ def _quiet_libraries() -> None:
     import os
     import warnings
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Bare tqdm bars (GGUF dequantization) read this at import; sftlab draws its own progress.
     os.environ.setdefault("TQDM_DISABLE", "1")
     warnings.filterwarnings("once")

@@ -31,7 +31,9 @@ Trade-offs:
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
+import io
 import json
 import os
 import random
@@ -57,6 +59,7 @@ FILE_SUFFIXES = {".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet"}
 EVAL_SPLIT_NAMES = ("test", "validation", "valid", "eval", "dev")
 SENTINEL = "\uE000sftlab-response\uE001"  # private-use characters: no template or text contains them
 CACHE_VERSION = "1"
+MAX_PROMPT_OVERLAP = 256  # generation prompts end with short markers; longer overlaps are coincidence
 
 
 # =========================================================================== records and examples
@@ -142,6 +145,13 @@ def _reason_category(message: str) -> str:
 
 
 def read_source(source: SourceConfig, collector: _Collector, max_chars: int) -> SourceRows:
+    rows = _read_rows(source, collector)
+    rows.records = _drop_unusable(rows.records, collector, max_chars)
+    rows.own_eval = _drop_unusable(rows.own_eval, collector, max_chars)
+    return rows
+
+
+def _read_rows(source: SourceConfig, collector: _Collector) -> SourceRows:
     path = Path(source.path).expanduser()
     if path.is_dir() and _written_by_save_to_disk(path):
         return _read_saved_dataset(path, source)
@@ -156,33 +166,47 @@ def read_source(source: SourceConfig, collector: _Collector, max_chars: int) -> 
             raise DataError(f"{path}: the file is empty", hint="point data.train/data.eval at a file with rows")
         readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
                    ".tsv": _read_csv, ".parquet": _read_parquet}
-        records = list(readers[suffix](path, collector))
-        return SourceRows(str(path), _drop_oversized(records, collector, max_chars))
+        return SourceRows(str(path), list(readers[suffix](path, collector)))
     if source.path.startswith((".", "/", "~")) or path.suffix.lower() in FILE_SUFFIXES or source.path.count("/") > 1:
         raise DataError(f"data file not found: {source.path}", hint="relative paths start from the directory you run sftlab in")
     return _read_hub_dataset(source)
 
 
-def _drop_oversized(records: list[Record], collector: _Collector, max_chars: int) -> list[Record]:
+def _drop_unusable(records: list[Record], collector: _Collector, max_chars: int) -> list[Record]:
     kept = []
     for record in records:
-        size = _text_size(record.data)
-        if size > max_chars:
-            collector.bad_row(record.source, record.line,
-                              f"example too large: {size:,} characters (data.max_example_chars is {max_chars:,})")
-        else:
-            kept.append(record)
+        try:
+            _inspect(record.data, max_chars)
+        except BadRow as reason:
+            collector.bad_row(record.source, record.line, str(reason))
+            continue
+        kept.append(record)
     return kept
 
 
-def _text_size(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(_text_size(item) for item in value.values())
-    if isinstance(value, list):
-        return sum(_text_size(item) for item in value)
-    return 0
+def _inspect(value: Any, max_chars: int, max_depth: int = 64) -> None:
+    """Reject what would break later stages: too much text, too deep nesting, text that is not Unicode.
+
+    Iterative, so a hostile 10,000-level nesting cannot exhaust the stack.
+    """
+    size, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > max_depth:
+            raise BadRow(f"nested too deeply (over {max_depth} levels)")
+        if isinstance(item, str):
+            size += len(item)
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRow("invalid Unicode text (a lone surrogate escape)") from None
+        elif isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+            stack.extend((key, depth + 1) for key in item if isinstance(key, str))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((child, depth + 1) for child in item)
+    if size > max_chars:
+        raise BadRow(f"example too large: {size:,} characters (data.max_example_chars is {max_chars:,})")
 
 
 def _decode(raw: bytes, path: Path, line: int, collector: _Collector) -> str | None:
@@ -249,7 +273,9 @@ def _read_csv(path: Path, collector: _Collector) -> Iterator[Record]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     text = _read_whole_text(path)
     csv.field_size_limit(sys.maxsize)  # long responses are data; size is checked per example instead
-    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
+    # newline="" leaves line breaks to the csv module: str.splitlines would also break rows
+    # at U+2028, form feeds and other characters that csv.writer does not quote.
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         if not reader.fieldnames:
             raise DataError(f"{path}: no header row")
@@ -312,11 +338,15 @@ def _read_hub_dataset(source: SourceConfig) -> SourceRows:
     import datasets
 
     try:
-        loaded = datasets.load_dataset(source.path, source.name)
+        # Only the asked-for split when there is one: hub datasets can be large.
+        loaded = datasets.load_dataset(source.path, source.name, split=source.split)
     except Exception as exc:  # the hub client raises many types: offline, missing repo, missing config...
         raise DataError(f"cannot load dataset {source.path!r} (config {source.name}): {str(exc).strip().splitlines()[0]}",
                         hint="check the path or hub id; with HF_HUB_OFFLINE=1 only cached datasets load") from None
-    return _split_dataset_dict(loaded, source.path, source)
+    if isinstance(loaded, datasets.DatasetDict):
+        return _split_dataset_dict(loaded, source.path, source)
+    label = f"{source.path}[{source.split}]"
+    return SourceRows(label, _records(loaded, label))
 
 
 # =========================================================================== formats
@@ -418,6 +448,9 @@ def checked_messages(turns: Any, role_key: str, content_key: str, role_map: dict
         role = role_map.get(role.lower(), role) if role_map else role
         if role not in ROLES:
             raise BadRow(f"unknown role {role!r} in turn {index}")
+        calls = turn.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list) and all(isinstance(call, dict) for call in calls)):
+            raise BadRow(f"malformed tool_calls in turn {index} (expected a list of objects)")
         message = {"role": role, "content": _content_text(turn.get(content_key), index, role, turn)}
         for key in ("tool_calls", "name", "tool_call_id"):
             if turn.get(key) is not None:
@@ -494,11 +527,16 @@ def _apply_template(template: str, data: dict) -> tuple[str, str, set[str]]:
 
 @dataclass
 class Rendered:
-    """Text to tokenize, and the character spans of the responses in it."""
+    """Text to tokenize, and the character spans of the responses in it.
+
+    Raw text (no chat template) is tokenized as prompt and response separately, as TRL
+    does and as inference sees it: a prompt ending in a space must not lend that space
+    to the response's first token. `prompt_end` marks that cut.
+    """
 
     text: str
     spans: list[tuple[int, int]]
-    add_special_tokens: bool = False  # raw text gets the tokenizer's BOS; chat templates write their own
+    prompt_end: int | None = None
 
 
 class TemplateRejected(BadRow):
@@ -510,14 +548,15 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              tools=tools)
     except Exception as exc:  # jinja's TemplateError, or a raise_exception() inside the template
-        raise TemplateRejected(f"chat template rejects this conversation: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TemplateRejected(f"chat template rejects this conversation: {reason}") from None
 
 
 def render_example(tokenizer, example: Example) -> list[Rendered]:
     """Render one example; several when the chat template is not prefix-preserving for it."""
     if example.messages is None:
         text = example.prompt + example.completion + (tokenizer.eos_token or "")
-        return [Rendered(text, [(len(example.prompt), len(text))], add_special_tokens=True)]
+        return [Rendered(text, [(len(example.prompt), len(text))], prompt_end=len(example.prompt))]
     messages = example.messages
     try:
         return _render_conversation(tokenizer, messages, example.tools)
@@ -535,24 +574,42 @@ def _render_conversation(tokenizer, messages: list[dict], tools) -> list[Rendere
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        span = _turn_span(tokenizer, messages, index, tools)
-        if span is None or not full.startswith(render(tokenizer, messages[: index + 1], tools=tools)):
+        # The last turn's rendering is the whole conversation's: no need to render it twice.
+        through, span = _turn_span(tokenizer, messages, index, tools, full if index == len(messages) - 1 else None)
+        if span is None or not full.startswith(through):
             return _render_turn_by_turn(tokenizer, messages, tools)
         spans.append(span)
     return [Rendered(full, spans)]
 
 
-def _turn_span(tokenizer, messages: list[dict], index: int, tools) -> tuple[int, int] | None:
-    """Span of assistant turn `index` in the rendering of messages[:index + 1]; None if the template
-    does not show the response as written (it rewrote it, e.g. by dropping reasoning)."""
-    through = render(tokenizer, messages[: index + 1], tools=tools)
+def _turn_span(tokenizer, messages: list[dict], index: int, tools,
+               through: str | None = None) -> tuple[str, tuple[int, int] | None]:
+    """Render messages[:index + 1] and find the span of its last (assistant) turn in it.
+
+    The span starts where the rendering departs from the generation prompt, so the role
+    header is not trained, and ends after the end-of-turn marker. It is None when the
+    template does not show the response as written (it rewrote it, e.g. dropped reasoning).
+    """
+    if through is None:
+        through = render(tokenizer, messages[: index + 1], tools=tools)
     prompt = render(tokenizer, messages[:index], add_generation_prompt=True, tools=tools) if index else ""
-    start = _common_prefix_length(prompt, through)
+    if through.startswith(prompt):
+        start = len(prompt)
+    else:
+        start = _outside_special_tokens(through, _common_prefix_length(prompt, through), tokenizer)
     end = len(through.rstrip())
-    content = (messages[index].get("content") or "").strip()
-    if end <= start or (content and content not in through[start:end]):
-        return None
-    return start, end
+    if end <= start or any(part not in through[start:end] for part in _visible_parts(messages[index])):
+        return through, None
+    return through, (start, end)
+
+
+def _visible_parts(message: dict) -> list[str]:
+    """Text a faithful rendering of an assistant turn must contain: its content and the names of its tool calls."""
+    parts = [(message.get("content") or "").strip()]
+    for call in message.get("tool_calls") or []:
+        function = call.get("function", call) if isinstance(call, dict) else {}
+        parts.append(str(function.get("name", "")) if isinstance(function, dict) else "")
+    return [part for part in parts if part]
 
 
 def _render_turn_by_turn(tokenizer, messages: list[dict], tools) -> list[Rendered]:
@@ -564,9 +621,10 @@ def _render_turn_by_turn(tokenizer, messages: list[dict], tools) -> list[Rendere
             continue
         prompt = render(tokenizer, messages[:index], add_generation_prompt=True, tools=tools)
         if message.get("tool_calls"):
-            span = _turn_span(tokenizer, messages, index, tools)
-            if span is not None:
-                pieces.append(Rendered(render(tokenizer, messages[: index + 1], tools=tools), [span]))
+            through, span = _turn_span(tokenizer, messages, index, tools)
+            if span is None:
+                raise BadRow(f"chat template drops the tool calls of turn {index + 1}: it cannot train tool use")
+            pieces.append(Rendered(through, [span]))
             continue
         response = _strip_prompt_overlap(prompt, message["content"])
         text = prompt + response + end_of_turn_marker(tokenizer, messages[:index], tools)
@@ -582,10 +640,20 @@ def end_of_turn_marker(tokenizer, history: list[dict], tools=None) -> str:
 
 def _strip_prompt_overlap(prompt: str, response: str) -> str:
     """A response that repeats the end of the generation prompt (DeepSeek-R1's '<think>\\n') loses the repeat."""
-    for size in range(min(len(prompt), len(response)), 0, -1):
+    for size in range(min(len(prompt), len(response), MAX_PROMPT_OVERLAP), 0, -1):
         if prompt.endswith(response[:size]) and response[:size].strip():
             return response[size:]
     return response
+
+
+def _outside_special_tokens(text: str, position: int, tokenizer) -> int:
+    """Move a position that falls inside a special token (two markers sharing their first
+    characters, like '<think>' and '<｜tool▁calls▁begin｜>') back to that token's start."""
+    for token in tokenizer.all_special_tokens + list(getattr(tokenizer, "added_tokens_encoder", {})):
+        found = text.find(token, max(0, position - len(token) + 1), position + len(token))
+        if found != -1 and found < position < found + len(token):
+            return found
+    return position
 
 
 def _common_prefix_length(a: str, b: str) -> int:
@@ -597,29 +665,41 @@ def _common_prefix_length(a: str, b: str) -> int:
 
 
 def tokenize_rendered(tokenizer, rendered: list[Rendered], batch_size: int = 1000) -> tuple[list[list[int]], list[list[int]]]:
-    """Batched tokenization; a token is a response token when it starts inside a response span."""
+    """Batched tokenization with a response mask for each item."""
     all_ids: list[list[int]] = [[] for _ in rendered]
     all_masks: list[list[int]] = [[] for _ in rendered]
-    for flag in (False, True):
-        indices = [i for i, item in enumerate(rendered) if item.add_special_tokens == flag]
-        for chunk_start in range(0, len(indices), batch_size):
-            chunk = indices[chunk_start: chunk_start + batch_size]
-            encoded = tokenizer([rendered[i].text for i in chunk], add_special_tokens=flag, return_offsets_mapping=True)
-            for position, i in enumerate(chunk):
-                all_ids[i] = encoded["input_ids"][position]
-                all_masks[i] = _span_mask(encoded["offset_mapping"][position], rendered[i].spans, flag)
+    chat = [i for i, item in enumerate(rendered) if item.prompt_end is None]
+    raw = [i for i, item in enumerate(rendered) if item.prompt_end is not None]
+    for chunk in _chunks(chat, batch_size):
+        encoded = tokenizer([rendered[i].text for i in chunk], add_special_tokens=False, return_offsets_mapping=True)
+        for position, i in enumerate(chunk):
+            all_ids[i] = encoded["input_ids"][position]
+            all_masks[i] = _span_mask(encoded["offset_mapping"][position], rendered[i].spans)
+    for chunk in _chunks(raw, batch_size):
+        # The tokenizer's own BOS (if it adds one) goes before the prompt, nothing special inside the response.
+        prompts = tokenizer([rendered[i].text[: rendered[i].prompt_end] for i in chunk], add_special_tokens=True)["input_ids"]
+        responses = tokenizer([rendered[i].text[rendered[i].prompt_end:] for i in chunk], add_special_tokens=False)["input_ids"]
+        for position, i in enumerate(chunk):
+            all_ids[i] = prompts[position] + responses[position]
+            all_masks[i] = [0] * len(prompts[position]) + [1] * len(responses[position])
     return all_ids, all_masks
 
 
-def _span_mask(offsets, spans: list[tuple[int, int]], has_special_prefix: bool) -> list[int]:
-    starts = [start for start, _ in spans]
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start: start + size]
+
+
+def _span_mask(offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """A token is trained when it overlaps a response span. A token that merges the end of a
+    role header with the response's first characters (' Paris' after 'Answer:') is trained:
+    leaving it out would lose the response's first word."""
+    ends = [end for _, end in spans]
     mask = []
     for token_start, token_end in offsets:
-        if token_start == token_end == 0 and has_special_prefix and not mask:
-            mask.append(0)  # the BOS token the tokenizer added
-            continue
-        slot = bisect_left(starts, token_start + 1) - 1
-        mask.append(1 if slot >= 0 and spans[slot][0] <= token_start < spans[slot][1] else 0)
+        slot = bisect_left(ends, token_start + 1)  # first span ending after the token starts
+        inside = slot < len(spans) and token_end > spans[slot][0] and token_end > token_start
+        mask.append(1 if inside else 0)
     return mask
 
 
@@ -641,7 +721,15 @@ def prepare_data(cfg: DataConfig, tokenizer, assistant_only_loss: bool = True, s
     key = cache_key(cfg, tokenizer, assistant_only_loss, seed, max_length)
     if cache_dir and (cached := _load_cached(cache_dir / key)) is not None:
         return cached
-    prepared = _prepare(cfg, tokenizer, assistant_only_loss, seed, max_length)
+    # Millions of small lists and dicts are built here and all stay alive: the cyclic garbage
+    # collector would rescan them again and again for nothing (~15% of the time at 100k rows).
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        prepared = _prepare(cfg, tokenizer, assistant_only_loss, seed, max_length)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     if cache_dir:
         _save_cached(cache_dir / key, prepared)
     return prepared
