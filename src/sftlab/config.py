@@ -138,7 +138,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "save_steps": 100,
     "save_total_limit": 3,
     "max_length": 1024,
-    "packing": False,
+    "packing": True,  # sftlab refuses it for any model that would let packed examples see each other
     "eval_packing": False,
     "assistant_only_loss": True,
     "seed": 42,
@@ -299,9 +299,9 @@ def _record_key_lines(node: yaml.Node | None, prefix: tuple, lines: dict[tuple, 
 
 
 def _config_error_from(exc: ValidationError, source: str, lines: dict[tuple, int]) -> ConfigError:
-    # A union (e.g. data.train: str | source | list) reports one error per member; the
-    # deepest one, or an unknown key, is the one that names what the user got wrong.
-    error = max(exc.errors(), key=lambda e: (e["type"] == "extra_forbidden", len(e["loc"])))
+    # A union (e.g. data.train: str | source | list) reports one error per member; an unknown
+    # key, a validator's own message, or else the deepest error names what the user got wrong.
+    error = max(exc.errors(), key=lambda e: (e["type"] == "extra_forbidden", e["type"] == "value_error", len(e["loc"])))
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, _TrainingKeyError):
         line = lines.get(("training", cause.key)) or lines.get(("training",))

@@ -178,3 +178,40 @@ class _translate_loading_errors:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def packing_contamination(model) -> float:
+    """How much packed examples see of each other: the largest logit difference between two
+    short examples packed into one row, exactly as TRL's padding-free collator and
+    `compute_loss` feed them, and the same examples run one by one.
+
+    ~0 means the model and attention implementation honour the restarting position ids;
+    anything else means packing would let one example attend to another.
+    """
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    vocab_size = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, vocab_size, (length,), generator=generator).tolist() for length in (12, 9))
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    packed = collator([{"input_ids": first + second, "seq_lengths": [len(first), len(second)]}])
+    device = next(model.parameters()).device
+    inputs = {key: value.to(device) if hasattr(value, "to") else value for key, value in packed.items() if key != "labels"}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed_logits = model(**inputs, use_cache=False).logits[0].float()
+            separate = torch.cat([model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float()
+                                  for ids in (first, second)])
+    finally:
+        model.train(was_training)
+    return (packed_logits - separate).abs().max().item()
+
+
+def packing_tolerance(model) -> float:
+    """Numerical noise allowed by the model's dtype; cross-example attention is far larger."""
+    import torch
+
+    return 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2

@@ -17,17 +17,26 @@ Trade-offs:
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from sftlab.config import SftlabConfig
 from sftlab.data import prepare_data
 from sftlab.errors import ConfigError, DataError, UserError
-from sftlab.model import add_default_chat_template, load_model, load_tokenizer, peft_config
+from sftlab.model import (
+    add_default_chat_template, load_model, load_tokenizer, packing_contamination, packing_tolerance, peft_config,
+)
 from sftlab.monitor import METRICS_FILE, MetricsLogger, ProgressBar, trim_metrics
 
-RUN_MARKER = ".sftlab-run"  # marks a directory sftlab created, the only kind --overwrite may delete
+RUN_MARKER = ".sftlab-run"
+COMPLETE_MARKER = "sftlab-complete.json"  # written into a checkpoint once everything in it is saved
+BEST_CHECKPOINT_FILE = "best_checkpoint.json"  # marks a directory sftlab created, the only kind --overwrite may delete
 CONFIG_FILE = "config.yaml"
 FINAL_DIR = "final"
 
@@ -53,8 +62,11 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
     args = build_sft_config(cfg, has_eval=data.eval is not None)
     (run_dir / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
 
-    # 5. Model, grown to the tokenizer if a default chat template added tokens.
+    # 5. Model, grown to the tokenizer if a default chat template added tokens. Packing is
+    #    refused unless this model and attention implementation keep packed examples apart.
     model = load_model(cfg.model, tokenizer)
+    if args.packing:
+        refuse_contaminating_packing(model, cfg)
 
     # 6. The trainer: TRL's, with sftlab's metrics file and progress bar.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -67,19 +79,23 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
         eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=peft_config(cfg.lora),
-        callbacks=[MetricsLogger(run_dir), ProgressBar(console)],
+        callbacks=[MetricsLogger(run_dir), ProgressBar(console), CheckpointBookkeeping(run_dir)],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    if trainer.is_world_process_zero():
+        print_plan(training_plan(trainer, data.audit), console)
 
-    # 7. Train, or resume from the latest checkpoint with each step logged once.
+    # 7. Train, or resume from the latest complete checkpoint with each step logged once.
     if checkpoint is not None:
         trim_metrics(run_dir / METRICS_FILE, checkpoint_step(checkpoint))
     with _out_of_memory_as_user_error():
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     # 8. The final model (or LoRA adapter) with its tokenizer, loadable with from_pretrained.
+    #    Training turned the KV cache off; generation wants it back.
     final_dir = run_dir / FINAL_DIR
+    model.config.use_cache = True
     trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(final_dir))
@@ -135,6 +151,18 @@ def build_sft_config(cfg: SftlabConfig, has_eval: bool):
                           hint="these training settings do not work together; see TRL's SFTConfig docs") from None
 
 
+def refuse_contaminating_packing(model, cfg: SftlabConfig) -> None:
+    leak = packing_contamination(model)
+    if leak > packing_tolerance(model):
+        attention = model.config._attn_implementation
+        raise ConfigError(
+            f"training.packing: {cfg.model.name_or_path} with attention {attention!r} lets packed examples attend to "
+            f"each other (logits differ by {leak:.3g} between packed and separate examples)",
+            hint="set training.packing: false, or model.attn_implementation to one that honours position ids "
+            "(sdpa, eager or flash_attention_2 on models transformers supports natively)",
+        )
+
+
 def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> Path:
     path = Path(path)
     has_contents = path.exists() and any(path.iterdir())
@@ -157,12 +185,93 @@ def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    """The newest checkpoint that was written completely (a run killed mid-save leaves an unmarked one)."""
+    checkpoints = [p for p in Path(run_dir).glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / COMPLETE_MARKER).exists()]
     return max(checkpoints, key=checkpoint_step, default=None)
 
 
 def checkpoint_step(checkpoint: Path) -> int:
     return int(Path(checkpoint).name.split("-")[-1])
+
+
+class CheckpointBookkeeping(TrainerCallback):
+    """After each save: mark the checkpoint complete, and keep the best one by eval loss.
+
+    `on_save` runs once the Trainer has written the whole checkpoint, so the marker means
+    it is safe to resume from. The best checkpoint becomes the Trainer's
+    `best_model_checkpoint`, which its rotation (save_total_limit) never deletes.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        checkpoint = self.run_dir / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            _write_json_atomically(checkpoint / COMPLETE_MARKER, {"step": state.global_step})
+        best = best_checkpoint(self.run_dir, state.log_history)
+        if best is not None:
+            state.best_model_checkpoint = str(best["path"])
+            _write_json_atomically(self.run_dir / BEST_CHECKPOINT_FILE,
+                                   {"checkpoint": best["path"].name, "step": best["step"], "eval_loss": best["eval_loss"]})
+
+
+def best_checkpoint(run_dir: Path, log_history: list[dict]) -> dict | None:
+    """The complete checkpoint with the lowest eval loss measured at its own step."""
+    eval_loss_at = {entry["step"]: entry["eval_loss"] for entry in log_history if "eval_loss" in entry}
+    candidates = [
+        {"path": path, "step": checkpoint_step(path), "eval_loss": eval_loss_at[checkpoint_step(path)]}
+        for path in Path(run_dir).glob("checkpoint-*")
+        if path.name.split("-")[-1].isdigit() and (path / COMPLETE_MARKER).exists() and checkpoint_step(path) in eval_loss_at
+    ]
+    return min(candidates, key=lambda c: c["eval_loss"], default=None)
+
+
+def _write_json_atomically(path: Path, value: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def training_plan(trainer, audit: dict) -> dict:
+    """What the run will do, from the trainer's own numbers: rows, tokens per step, steps, epochs, saves."""
+    args = trainer.args
+    rows = len(trainer.train_dataset)
+    examples = audit["splits"]["train"]["rows"]
+    per_step_rows = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    steps_per_epoch = max(1, math.ceil(rows / per_step_rows))
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
+    tokens_per_row = audit["splits"]["train"]["tokens"] / rows if rows else 0
+    save_every = args.save_steps if args.save_strategy == "steps" else None
+    return {
+        "examples": examples,
+        "rows": rows,  # packed rows when packing, else examples
+        "packing": bool(args.packing),
+        "tokens_per_step": round(per_step_rows * tokens_per_row),
+        "trained_tokens_per_step": round(per_step_rows * audit["trained_tokens"] / rows) if rows else 0,
+        "steps": steps,
+        "epochs": steps / steps_per_epoch,
+        "checkpoints": (steps // int(save_every)) if save_every else 0,
+        "save_total_limit": args.save_total_limit,
+        "evaluations": (steps // int(args.eval_steps or args.logging_steps)) if args.eval_strategy == "steps" else 0,
+    }
+
+
+def print_plan(plan: dict, console=None) -> None:
+    from rich.console import Console
+
+    console = console or Console(stderr=True, highlight=False)
+    packed = f" packed into {plan['rows']:,} rows" if plan["packing"] else ""
+    console.print(f"plan: {plan['examples']:,} examples{packed}; {plan['steps']:,} steps of ~{plan['tokens_per_step']:,} tokens "
+                  f"(~{plan['trained_tokens_per_step']:,} trained) = {plan['epochs']:.2f} epochs; "
+                  f"{plan['checkpoints']} checkpoints (keeping {plan['save_total_limit'] or 'all'}), "
+                  f"{plan['evaluations']} evaluations", soft_wrap=True)
+    if plan["epochs"] > 3:
+        console.print(f"[yellow]warning[/]: {plan['epochs']:.1f} epochs: more than the 1-3 the chapter advises; "
+                      "watch for overfitting or lower max_steps", soft_wrap=True)
 
 
 class _out_of_memory_as_user_error:
