@@ -76,3 +76,44 @@ def test_lora_run_saves_an_adapter_that_loads_on_its_base(tiny_config, tiny_mode
 
     model = AutoPeftModelForCausalLM.from_pretrained(result.final_dir)
     assert model.peft_config["default"].r == 4
+
+
+def test_resume_skips_a_checkpoint_that_was_not_completely_written(tiny_config):
+    cfg = load_config(tiny_config)
+    train(cfg)
+    (cfg.output_dir / "checkpoint-6" / "sftlab-complete.json").unlink()  # as if killed mid-save
+    from sftlab.train import latest_checkpoint
+
+    assert latest_checkpoint(cfg.output_dir).name == "checkpoint-3"
+    resumed = train(cfg, resume=True)
+    assert resumed.global_step == 6
+    assert (cfg.output_dir / "checkpoint-6" / "sftlab-complete.json").exists()
+
+
+def test_the_best_checkpoint_by_eval_loss_survives_rotation_and_is_recorded(tiny_config):
+    # A constant, far too large learning rate makes the tiny model's first evaluation its best.
+    cfg = load_config(tiny_config, ["training.max_steps=12", "training.save_total_limit=2", "training.warmup_ratio=0",
+                                    "training.learning_rate=1.0", "training.lr_scheduler_type=constant"])
+    result = train(cfg)
+    run = result.run_dir
+    best = json.loads((run / "best_checkpoint.json").read_text())
+    records = read_metrics(run / METRICS_FILE)
+    eval_losses = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    assert best["eval_loss"] == min(eval_losses.values())
+    assert best["step"] == min(eval_losses, key=eval_losses.get)
+    assert best["checkpoint"] == "checkpoint-3"  # not the latest: rotation had to spare it
+    kept = sorted(p.name for p in run.glob("checkpoint-*"))
+    assert kept == ["checkpoint-12", "checkpoint-3"]  # the best, and the latest for --resume
+
+
+def test_the_plan_counts_steps_epochs_and_checkpoints(tiny_config, capsys):
+    from rich.console import Console
+
+    from sftlab.train import training_plan
+
+    console = Console(file=__import__("io").StringIO(), width=300)
+    result = train(load_config(tiny_config, ["training.packing=false"]), console=console)
+    text = console.file.getvalue()
+    # 48 examples, batch 4 -> 12 steps per epoch; max_steps 6 -> half an epoch; saves at 3 and 6
+    assert "48 examples; 6 steps of" in text and "= 0.50 epochs; 2 checkpoints" in text
+    assert result.global_step == 6
