@@ -78,7 +78,8 @@ def train(
     from sftlab.train import train as run_train
 
     result = run_train(load_config(config, set_ or []), resume=resume, overwrite=overwrite)
-    print(f"trained {result.global_step} steps; final model in {result.final_dir}")
+    if result.is_main_process:
+        print(f"trained {result.global_step} steps; final model in {result.final_dir}")
 
 
 @app.command()

@@ -47,20 +47,28 @@ class TrainResult:
     final_dir: Path
     global_step: int
     metrics: dict
+    is_main_process: bool = True  # under accelerate launch, each process gets a result; one reports it
 
 
 def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, console=None) -> TrainResult:
-    # 1. The run directory: created fresh, or reused only to resume.
-    run_dir = prepare_run_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
+    # 1. The run directory: created fresh, or reused only to resume. Under `accelerate launch`
+    #    every process runs this function; only the main one writes files.
+    from accelerate import PartialState
+
+    processes = PartialState(cpu=no_accelerator())  # on CPUs, several processes talk over gloo
+    run_dir = prepare_run_dir(cfg.output_dir, resume=resume, overwrite=overwrite, processes=processes)
     checkpoint = latest_checkpoint(run_dir) if resume else None
 
-    # 2-3. Tokenizer, then data tokenized with it: exactly what `sftlab check` audits.
-    tokenizer, data = tokenizer_and_data(cfg)
+    # 2-3. Tokenizer, then data tokenized with it: exactly what `sftlab check` audits. The
+    #      main process prepares (and caches) first; the others then load its cache.
+    with processes.main_process_first():
+        tokenizer, data = tokenizer_and_data(cfg)
     refuse_if_not_trainable(data.audit)
 
     # 4. SFTConfig from the `training` section, validated by TRL itself.
     args = build_sft_config(cfg, has_eval=data.eval is not None)
-    (run_dir / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+    if processes.is_main_process:
+        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
 
     # 5. Model, grown to the tokenizer if a default chat template added tokens. Packing is
     #    refused unless this model and attention implementation keep packed examples apart.
@@ -99,7 +107,15 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
     trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(final_dir))
-    return TrainResult(run_dir=run_dir, final_dir=final_dir, global_step=trainer.state.global_step, metrics=output.metrics)
+    return TrainResult(run_dir=run_dir, final_dir=final_dir, global_step=trainer.state.global_step,
+                       metrics=output.metrics, is_main_process=processes.is_main_process)
+
+
+def no_accelerator() -> bool:
+    import torch
+
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available()
+                or (hasattr(torch, "xpu") and torch.xpu.is_available()))
 
 
 def check(cfg: SftlabConfig) -> dict:
@@ -134,6 +150,7 @@ def build_sft_config(cfg: SftlabConfig, has_eval: bool):
     # sftlab derives the loss masks itself (data.py); TRL would need {% generation %} markers.
     values["assistant_only_loss"] = False
     on_gpu = torch.cuda.is_available()
+    values.setdefault("use_cpu", no_accelerator())
     if "bf16" not in values and "fp16" not in values:
         values["bf16"] = on_gpu and torch.cuda.is_bf16_supported()
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing; accept both.
@@ -141,6 +158,9 @@ def build_sft_config(cfg: SftlabConfig, has_eval: bool):
         values.setdefault("activation_checkpointing", values.pop("gradient_checkpointing"))
     values.setdefault("activation_checkpointing", on_gpu)
     values.setdefault("dataloader_pin_memory", on_gpu)
+    # Every parameter gets a gradient in SFT (LoRA freezes some, but they never take part in DDP's
+    # reduction): searching for unused ones costs a graph traversal each step.
+    values.setdefault("ddp_find_unused_parameters", False)
     if not has_eval:
         values["eval_strategy"] = "no"
     values.setdefault("disable_tqdm", True)  # sftlab's ProgressBar replaces transformers' bars
@@ -163,24 +183,31 @@ def refuse_contaminating_packing(model, cfg: SftlabConfig) -> None:
         )
 
 
-def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> Path:
+def prepare_run_dir(path: Path, resume: bool, overwrite: bool, processes=None) -> Path:
+    """Check the run directory on every process, then let the main process create or replace it."""
     path = Path(path)
     has_contents = path.exists() and any(path.iterdir())
-    if resume:
-        if not has_contents or latest_checkpoint(path) is None:
-            raise UserError(f"nothing to resume in {path}: no checkpoint-* directory",
-                            hint="start the run without --resume")
+    if resume and (not has_contents or latest_checkpoint(path) is None):
+        raise UserError(f"nothing to resume in {path}: no complete checkpoint-* directory",
+                        hint="start the run without --resume")
+    if not resume and has_contents and not overwrite:
+        raise UserError(f"run directory {path} already exists",
+                        hint="use --resume to continue it, --overwrite to replace it, or set training.output_dir")
+    if not resume and has_contents and not (path / RUN_MARKER).exists():
+        raise UserError(f"{path} exists and was not made by sftlab; refusing to delete it",
+                        hint="choose another training.output_dir")
+    if processes is not None:
+        processes.wait_for_everyone()  # every process has checked before the main one changes anything
+    if resume or (processes is not None and not processes.is_main_process):
+        if processes is not None:
+            processes.wait_for_everyone()
         return path
     if has_contents:
-        if not overwrite:
-            raise UserError(f"run directory {path} already exists",
-                            hint="use --resume to continue it, --overwrite to replace it, or set training.output_dir")
-        if not (path / RUN_MARKER).exists():
-            raise UserError(f"{path} exists and was not made by sftlab; refusing to delete it",
-                            hint="choose another training.output_dir")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / RUN_MARKER).write_text("created by sftlab; `sftlab train --overwrite` may replace this directory\n")
+    if processes is not None:
+        processes.wait_for_everyone()
     return path
 
 
