@@ -81,3 +81,35 @@ def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     command = readme.split("<!-- test-command -->")[1].split("```")[1].strip().removeprefix("bash").strip()
     assert command in ci
+
+
+def test_diagnose_reads_a_plain_trl_run_and_an_sftlab_run(tmp_path, tiny_model, chat_data, tiny_config):
+    # A run made with TRL alone, no sftlab involved: its trainer_state.json is enough.
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    data = load_dataset("json", data_files={"train": str(chat_data["train"]), "test": str(chat_data["eval"])})
+    args = SFTConfig(output_dir=str(tmp_path / "trl-run"), max_steps=8, per_device_train_batch_size=4, logging_steps=1,
+                     eval_strategy="steps", eval_steps=2, save_steps=8, report_to="none", use_cpu=True, bf16=False,
+                     gradient_checkpointing=False, learning_rate=1e-3, disable_tqdm=True)
+    SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model), args=args, train_dataset=data["train"],
+               eval_dataset=data["test"], processing_class=AutoTokenizer.from_pretrained(tiny_model)).train()
+    state = tmp_path / "trl-run" / "checkpoint-8" / "trainer_state.json"
+
+    text = sftlab("diagnose", state)
+    assert text.returncode == 0, text.stderr
+    assert "phase" in text.stdout.lower()
+    as_json = sftlab("diagnose", state, "--json")
+    report = json.loads(as_json.stdout)
+    assert report["phase"] in {"initial_sharp_drop", "gradual_stabilization", "converged"}
+    for finding in report["findings"]:
+        assert set(finding) == {"code", "severity", "steps", "evidence", "advice"}
+        assert finding["severity"] in {"info", "warning", "error"}
+        assert len(finding["steps"]) == 2 and all(isinstance(step, int) for step in finding["steps"])
+        assert isinstance(finding["advice"], list) and isinstance(finding["evidence"], str)
+
+    assert sftlab("train", tiny_config).returncode == 0
+    run = json.loads(sftlab("diagnose", tmp_path / "run", "--json").stdout)
+    assert run["phase"] and isinstance(run["findings"], list)
+    assert_one_clean_error(sftlab("diagnose", tmp_path / "nothing-here"), "nothing-here")

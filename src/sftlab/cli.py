@@ -79,7 +79,7 @@ def train(
 
     result = run_train(load_config(config, set_ or []), resume=resume, overwrite=overwrite)
     if result.is_main_process:
-        print(f"trained {result.global_step} steps; final model in {result.final_dir}")
+        _print_result(result)
 
 
 @app.command()
@@ -92,7 +92,45 @@ def demo(
     from sftlab.demo import run_demo
 
     result = run_demo(output, overrides=set_ or [], overwrite=overwrite)
-    print(f"demo trained {result.global_step} steps; final model in {result.final_dir}")
+    _print_result(result)
+
+
+@app.command()
+def diagnose(
+    path: Annotated[Path, typer.Argument(help="A run directory, a metrics.jsonl, or a trainer_state.json from any transformers/TRL run.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the diagnosis as JSON.")] = False,
+):
+    """The phase of a run and its warning signs (overfitting, underfitting, memorization, instability, format)."""
+    from sftlab.diagnose import diagnose as run_diagnose
+    from sftlab.diagnose import read_history
+
+    records, samples = read_history(path)
+    memorization_loss = _configured_memorization_loss(path)
+    diagnosis = run_diagnose(records, samples, memorization_loss=memorization_loss)
+    print(json.dumps(diagnosis.to_json(), indent=2) if json_out else diagnosis.render())
+
+
+def _configured_memorization_loss(path: Path) -> float:
+    """A run directory's own threshold, when it has a resolved config."""
+    from sftlab.config import MonitorConfig
+
+    config = path / "config.yaml" if path.is_dir() else None
+    if config is not None and config.exists():
+        import yaml
+
+        monitor = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("monitor") or {}
+        if isinstance(monitor.get("memorization_loss"), (int, float)):
+            return float(monitor["memorization_loss"])
+    return MonitorConfig().memorization_loss
+
+
+def _print_result(result) -> None:
+    if result.stopped:
+        print(f"stopped early at step {result.stopped['step']}: {result.stopped['reason']} ({result.stopped['evidence']})")
+    if result.final_dir.exists():
+        print(f"trained {result.global_step} steps; final model in {result.final_dir}")
+    else:
+        print(f"trained {result.global_step} steps; no final model: no checkpoint was saved before the run stopped")
 
 
 def _print_audit(audit: dict) -> None:

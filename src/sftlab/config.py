@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -104,14 +105,48 @@ class LoraConfig(_Section):
     modules_to_save: list[str] | None = None
 
 
+class FormatSpec(_Section):
+    """The output format responses must follow, checked on generations (`eval.format`)."""
+
+    type: Literal["regex", "json", "json_schema", "prefix", "contains"]
+    pattern: str | None = Field(None, description="regex: the whole response must match it (re.fullmatch, DOTALL).")
+    schema_: dict | None = Field(None, alias="schema", description="json_schema: the JSON Schema the response must satisfy.")
+    text: str | None = Field(None, description="prefix / contains: the text the response must start with / contain.")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    @model_validator(mode="after")
+    def _has_what_its_type_needs(self):
+        needs = {"regex": "pattern", "json_schema": "schema", "prefix": "text", "contains": "text"}.get(self.type)
+        value = {"pattern": self.pattern, "schema": self.schema_, "text": self.text}.get(needs) if needs else True
+        if value is None:
+            raise ValueError(f"eval.format type {self.type!r} needs `{needs}`")
+        if self.type == "regex":
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"eval.format pattern is not a valid regex: {exc}") from None
+        return self
+
+
 class EvalConfig(_Section):
     baseline: bool = Field(True, description="Evaluate the base model before training, for a before/after comparison.")
     num_prompts: int = Field(100, gt=0)
     max_new_tokens: int = Field(64, gt=0)
+    format: FormatSpec | None = Field(None, description="The format responses must follow: regex, json, json_schema, prefix, contains.")
+
+
+FINDING_CODES = ("overfitting", "underfitting", "memorization", "instability", "inconsistent_format")
 
 
 class MonitorConfig(_Section):
-    plots: bool = True
+    plots: bool = Field(True, description="PNG plots of the curves in the run directory, refreshed at each evaluation.")
+    stop_on: list[Literal[FINDING_CODES]] = Field(
+        default_factory=list, description="Findings that stop training early (the best checkpoint is kept). NaN always stops."
+    )
+    sample_prompts: int = Field(4, ge=0, description="Held-out prompts answered at each evaluation, to watch the outputs.")
+    sample_max_new_tokens: int = Field(48, gt=0)
+    memorization_loss: float = Field(0.05, gt=0, description="Train loss below this counts as extremely low.")
 
 
 # SFTConfig keys that sftlab owns in another section, with where they belong instead.
@@ -142,7 +177,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "eval_packing": False,
     "assistant_only_loss": True,
     "seed": 42,
-    "report_to": "none",
+    "report_to": "tensorboard",
 }
 # LoRA trains far fewer parameters and wants a larger step (peft's and TRL's examples).
 LORA_LEARNING_RATE = 2e-4
@@ -319,12 +354,13 @@ def _config_error_from(exc: ValidationError, source: str, lines: dict[tuple, int
     if error["type"] == "missing":
         return ConfigError(f"{where}: missing required key {dotted}",
                            hint="data.train names the training data, e.g. `train: data/train.jsonl`")
-    return ConfigError(f"{where}: {dotted}: {error['msg']} (got {error.get('input')!r})")
+    message = error["msg"].removeprefix("Value error, ")
+    return ConfigError(f"{where}: {dotted}: {message} (got {error.get('input')!r})")
 
 
 def _all_section_keys() -> set[str]:
     keys = set(SftlabConfig.model_fields)
-    for section in (ModelConfig, DataConfig, SourceConfig, WarnThresholds, LoraConfig, EvalConfig, MonitorConfig):
+    for section in (ModelConfig, DataConfig, SourceConfig, WarnThresholds, LoraConfig, EvalConfig, FormatSpec, MonitorConfig):
         keys |= set(section.model_fields)
     return keys
 

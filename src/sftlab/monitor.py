@@ -1,42 +1,77 @@
-"""Monitor: what the run says while it trains.
+"""Monitor: what the run says while it trains, and what stops it.
 
-Two TrainerCallbacks, added to SFTTrainer like any other:
-- `MetricsLogger` appends every logged metric to `metrics.jsonl`, one JSON object per
-  line with its step, flushed at once so a killed run keeps everything it logged.
-- `ProgressBar` shows step, loss, learning rate and time left; where stderr is not a
-  terminal (CI, log files) it prints one line per log instead of redrawing a bar.
+TrainerCallbacks, added to SFTTrainer like any other:
+- `MetricsLogger` appends every logged metric to `metrics.jsonl` (one JSON object per
+  line, flushed at once so a killed run keeps what it logged), adding tokens per second
+  and trained tokens. TensorBoard and any other `report_to` integration are transformers'.
+- `ProgressBar` shows step, loss, learning rate and time left (one line per log where
+  stderr is not a terminal).
+- `OutputSampler` answers a few fixed held-out prompts at each evaluation (greedy,
+  short) and records whether each answer ends with the end-of-turn token and follows
+  `eval.format`: the chapter warns that a good loss can hide bad outputs.
+- `LiveDiagnosis` runs the diagnosis (diagnose.py) at each evaluation, prints new
+  findings, refreshes the plots, and stops the run on the findings in `monitor.stop_on`.
+- `NonFiniteGuard` stops the run at the first step whose loss or weights are NaN or
+  infinite, before anything non-finite is saved.
 
 Only the main process writes, so several processes (accelerate launch) log once.
+
+Trade-offs: sampling costs a few seconds per evaluation on a CPU (4 prompts x 48 tokens
+by default); `monitor.sample_prompts: 0` turns it off. The non-finite check looks at one
+small trained tensor per step: a NaN update reaches every weight, so one is enough.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from sftlab.config import FormatSpec, MonitorConfig
+from sftlab.diagnose import Diagnosis, diagnose
+
 METRICS_FILE = "metrics.jsonl"
-LINE_METRICS = ("loss", "eval_loss", "learning_rate", "grad_norm", "train_loss", "epoch")
+SAMPLES_FILE = "samples_during_training.jsonl"
+DIAGNOSIS_FILE = "diagnosis.json"
+STOPPED_FILE = "stopped.json"
+PLOTS = {"loss": "loss.png", "learning_rate": "learning_rate.png", "grad_norm": "grad_norm.png"}
+LINE_METRICS = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second", "train_loss", "epoch")
+
+
+# =========================================================================== metrics
 
 
 class MetricsLogger(TrainerCallback):
-    def __init__(self, run_dir: Path):
+    """metrics.jsonl, plus throughput: tokens/s from TRL's token count, trained tokens from the epoch."""
+
+    def __init__(self, run_dir: Path, trained_tokens_per_epoch: int):
         self.path = Path(run_dir) / METRICS_FILE
+        self.trained_tokens_per_epoch = trained_tokens_per_epoch
+        self.last: tuple[float, float] | None = None  # (time, num_tokens) at the previous train log
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         record = {"step": state.global_step, "epoch": _finite(state.epoch)}
         record.update({key: _finite(value) for key, value in logs.items()})
+        if "loss" in logs:
+            record["trained_tokens"] = round((state.epoch or 0) * self.trained_tokens_per_epoch)
+            now, tokens = time.monotonic(), logs.get("num_tokens")
+            if tokens is not None and self.last is not None and now > self.last[0]:
+                record["tokens_per_second"] = round((tokens - self.last[1]) / (now - self.last[0]), 1)
+            if tokens is not None:
+                self.last = (now, tokens)
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Every record of a metrics.jsonl; a last line cut by a kill is skipped."""
+def read_jsonl(path: Path) -> list[dict]:
+    """Every record of a JSONL file; a last line cut by a kill is skipped."""
     if not path.exists():
         return []
     records = []
@@ -48,14 +83,20 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+def read_metrics(path: Path) -> list[dict]:
+    return read_jsonl(path)
+
+
 def trim_metrics(path: Path, last_step: int) -> None:
     """Drop records logged after `last_step`, so a resumed run logs each step once.
 
     The end-of-run summary of the interrupted invocation goes too: the run continues.
     """
-    kept = [record for record in read_metrics(path)
-            if record.get("step", 0) <= last_step and "train_runtime" not in record]
-    path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+    for file in (path, path.with_name(SAMPLES_FILE)):
+        kept = [record for record in read_jsonl(file)
+                if record.get("step", 0) <= last_step and "train_runtime" not in record]
+        if file.exists():
+            file.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
 
 
 def _finite(value):
@@ -63,6 +104,15 @@ def _finite(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def is_non_finite(value) -> bool:
+    if isinstance(value, str):
+        return value.lower() in {"nan", "inf", "-inf", "infinity", "-infinity"}
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+# =========================================================================== progress
 
 
 class ProgressBar(TrainerCallback):
@@ -96,7 +146,7 @@ class ProgressBar(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        self.last.update({key: logs[key] for key in ("loss", "learning_rate") if key in logs})
+        self.last.update({key: logs[key] for key in ("loss", "learning_rate") if isinstance(logs.get(key), (int, float))})
         if self.progress is not None:
             self.progress.update(self.task, loss=self.last["loss"], lr=self.last["learning_rate"])
             if "eval_loss" in logs:
@@ -110,3 +160,225 @@ class ProgressBar(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+    def say(self, text: str) -> None:
+        (self.progress.console if self.progress is not None else self.console).print(text, soft_wrap=True)
+
+
+# =========================================================================== outputs
+
+
+def follows_format(text: str, spec: FormatSpec | None) -> bool | None:
+    """Whether a response follows the user's format (None when no format is set)."""
+    if spec is None:
+        return None
+    text = text.strip()
+    if spec.type == "regex":
+        return re.fullmatch(spec.pattern, text, flags=re.DOTALL) is not None
+    if spec.type == "prefix":
+        return text.startswith(spec.text)
+    if spec.type == "contains":
+        return spec.text in text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    if spec.type == "json":
+        return True
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(spec.schema_).is_valid(value)
+
+
+def generation_prompts(tokenizer, examples, count: int) -> list[str]:
+    """The prompts of the first `count` held-out examples, ready for generation."""
+    from sftlab.data import render
+
+    prompts = []
+    for example in examples[:count]:
+        if example.messages is None:
+            prompts.append(example.prompt)
+            continue
+        last = max(i for i, message in enumerate(example.messages) if message["role"] == "assistant")
+        prompts.append(render(tokenizer, example.messages[:last], add_generation_prompt=True, tools=example.tools))
+    return prompts
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, stop_ids: list[int],
+             chat: bool = True) -> list[dict]:
+    """Greedy, batched, left-padded generation with the KV cache. Returns text and whether each stopped."""
+    import torch
+
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
+    finally:
+        tokenizer.padding_side = side
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                    eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    finally:
+        model.train(was_training)
+    results = []
+    for row in output[:, batch["input_ids"].shape[1]:].tolist():
+        stop_at = next((i for i, token in enumerate(row) if token in stop_ids), None)
+        new = row if stop_at is None else row[:stop_at]
+        results.append({"output": tokenizer.decode(new, skip_special_tokens=True), "stopped": stop_at is not None})
+    return results
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    from sftlab.data import end_of_turn_token_id
+
+    return sorted({tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)} - {None})
+
+
+class OutputSampler(TrainerCallback):
+    """Answers fixed held-out prompts at each evaluation; writes samples_during_training.jsonl."""
+
+    def __init__(self, run_dir: Path, tokenizer, eval_examples, cfg: MonitorConfig, format_spec: FormatSpec | None):
+        self.path = Path(run_dir) / SAMPLES_FILE
+        self.tokenizer = tokenizer
+        self.prompts = generation_prompts(tokenizer, eval_examples, cfg.sample_prompts) if cfg.sample_prompts else []
+        self.chat = bool(eval_examples) and eval_examples[0].messages is not None
+        self.max_new_tokens = cfg.sample_max_new_tokens
+        self.format_spec = format_spec
+        self.stop_ids = stop_token_ids(tokenizer)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if not self.prompts or not state.is_world_process_zero or model is None:
+            return
+        answers = generate(model, self.tokenizer, self.prompts, self.max_new_tokens, self.stop_ids, chat=self.chat)
+        with self.path.open("a", encoding="utf-8") as handle:
+            for prompt, answer in zip(self.prompts, answers):
+                handle.write(json.dumps({
+                    "step": state.global_step, "prompt": prompt, "output": answer["output"],
+                    "ends_with_end_of_turn": answer["stopped"] and bool(answer["output"].strip()),
+                    "follows_format": follows_format(answer["output"], self.format_spec),
+                }) + "\n")
+
+
+# =========================================================================== diagnosis, plots, stopping
+
+
+class LiveDiagnosis(TrainerCallback):
+    """Diagnose at each evaluation: print new findings, refresh plots, stop on `monitor.stop_on`."""
+
+    def __init__(self, run_dir: Path, cfg: MonitorConfig, progress: ProgressBar):
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.progress = progress
+        self.reported: set[str] = set()
+
+    def current(self) -> Diagnosis:
+        return diagnose(read_jsonl(self.run_dir / METRICS_FILE), read_jsonl(self.run_dir / SAMPLES_FILE),
+                        memorization_loss=self.cfg.memorization_loss)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        diagnosis = self.refresh()
+        for finding in diagnosis.findings:
+            if finding.severity in {"warning", "error"} and finding.code not in self.reported:
+                self.reported.add(finding.code)
+                self.progress.say(f"[yellow]{finding.code}[/] (steps {finding.steps[0]}-{finding.steps[1]}): {finding.evidence}")
+            if finding.code in self.cfg.stop_on and finding.severity in {"warning", "error"}:
+                record_stop(self.run_dir, finding.code, state.global_step, finding.evidence)
+                self.progress.say(f"[red]stopping[/]: {finding.code} is in monitor.stop_on")
+                control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.refresh()
+
+    def refresh(self) -> Diagnosis:
+        diagnosis = self.current()
+        (self.run_dir / DIAGNOSIS_FILE).write_text(json.dumps(diagnosis.to_json(), indent=2), encoding="utf-8")
+        if self.cfg.plots:
+            plot_curves(self.run_dir, read_jsonl(self.run_dir / METRICS_FILE), diagnosis)
+        return diagnosis
+
+
+def record_stop(run_dir: Path, reason: str, step: int, evidence: str) -> None:
+    path = Path(run_dir) / STOPPED_FILE
+    if not path.exists():  # the first reason is the one that stopped the run
+        path.write_text(json.dumps({"reason": reason, "step": step, "evidence": evidence}), encoding="utf-8")
+
+
+def read_stop(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / STOPPED_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stop at the first non-finite loss or weight, before the step is saved or evaluated."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.watched = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        trained = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+        self.watched = min(trained, key=lambda p: p.numel()) if trained else None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
+        if self.watched is not None and not torch.isfinite(self.watched).all():
+            self._stop(state, control, "weights became NaN or infinite after this step's update")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bad = [key for key in ("loss", "grad_norm", "eval_loss") if is_non_finite((logs or {}).get(key))]
+        if bad:
+            self._stop(state, control, f"{bad[0]} is {logs[bad[0]]}")
+
+    def _stop(self, state, control, evidence: str) -> None:
+        control.should_training_stop = True
+        control.should_save = control.should_evaluate = False
+        if state.is_world_process_zero:
+            record_stop(self.run_dir, "instability", state.global_step, evidence)
+
+
+def plot_curves(run_dir: Path, records: list[dict], diagnosis: Diagnosis | None = None) -> list[Path]:
+    """loss.png (train and eval, findings shaded), learning_rate.png, grad_norm.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for metric, filename in PLOTS.items():
+        series = {"train loss" if metric == "loss" else metric: _series(records, metric)}
+        if metric == "loss":
+            series["eval loss"] = _series(records, "eval_loss")
+        if not any(points for points in series.values()):
+            continue
+        figure, axes = plt.subplots(figsize=(7, 3.6), dpi=110)
+        for label, points in series.items():
+            if points:
+                axes.plot(*zip(*points), label=label, marker="o" if label == "eval loss" else None, markersize=3)
+        if metric == "loss" and diagnosis is not None:
+            for finding in diagnosis.findings:
+                if finding.severity in {"warning", "error"}:
+                    first, last = finding.steps
+                    axes.axvspan(first, max(last, first + 0.5), alpha=0.15, color="tab:red" if finding.severity == "error" else "tab:orange")
+                    axes.annotate(finding.code, (first, 1.0), xycoords=("data", "axes fraction"), va="top", fontsize=8)
+        axes.set_xlabel("step")
+        axes.set_title(metric.replace("_", " "))
+        axes.grid(alpha=0.3)
+        if len(series) > 1:
+            axes.legend()
+        figure.tight_layout()
+        path = Path(run_dir) / filename
+        figure.savefig(path)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _series(records: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(record["step"], record[key]) for record in records
+            if isinstance(record.get(key), (int, float)) and math.isfinite(record[key]) and "train_runtime" not in record]

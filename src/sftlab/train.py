@@ -32,7 +32,10 @@ from sftlab.errors import ConfigError, DataError, UserError
 from sftlab.model import (
     add_default_chat_template, load_model, load_tokenizer, packing_contamination, packing_tolerance, peft_config,
 )
-from sftlab.monitor import METRICS_FILE, MetricsLogger, ProgressBar, trim_metrics
+from sftlab.monitor import (
+    METRICS_FILE, STOPPED_FILE, LiveDiagnosis, MetricsLogger, NonFiniteGuard, OutputSampler, ProgressBar, read_stop,
+    trim_metrics,
+)
 
 RUN_MARKER = ".sftlab-run"
 COMPLETE_MARKER = "sftlab-complete.json"  # written into a checkpoint once everything in it is saved
@@ -48,6 +51,7 @@ class TrainResult:
     global_step: int
     metrics: dict
     is_main_process: bool = True  # under accelerate launch, each process gets a result; one reports it
+    stopped: dict | None = None  # why training stopped early (stopped.json), if it did
 
 
 def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, console=None) -> TrainResult:
@@ -80,6 +84,17 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTTrainer
 
+    progress = ProgressBar(console)
+    trained_tokens_per_epoch = data.audit["trained_tokens"] - data.audit["truncation"]["trained_tokens_cut"]
+    callbacks = [
+        MetricsLogger(run_dir, trained_tokens_per_epoch),
+        progress,
+        NonFiniteGuard(run_dir),
+        # At each evaluation the sampler answers held-out prompts before the diagnosis reads them.
+        OutputSampler(run_dir, tokenizer, data.eval_examples, cfg.monitor, cfg.eval.format),
+        LiveDiagnosis(run_dir, cfg.monitor, progress),
+        CheckpointBookkeeping(run_dir),
+    ]
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -87,7 +102,7 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
         eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=peft_config(cfg.lora),
-        callbacks=[MetricsLogger(run_dir), ProgressBar(console), CheckpointBookkeeping(run_dir)],
+        callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -95,20 +110,28 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
         print_plan(training_plan(trainer, data.audit), console)
 
     # 7. Train, or resume from the latest complete checkpoint with each step logged once.
-    if checkpoint is not None:
+    if checkpoint is not None and processes.is_main_process:
         trim_metrics(run_dir / METRICS_FILE, checkpoint_step(checkpoint))
+        (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # the run goes on: an earlier stop no longer holds
+    processes.wait_for_everyone()
     with _out_of_memory_as_user_error():
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    # 8. The final model (or LoRA adapter) with its tokenizer, loadable with from_pretrained.
-    #    Training turned the KV cache off; generation wants it back.
+    # 8. The final model (or LoRA adapter) with its tokenizer, loadable with from_pretrained:
+    #    the trained weights, or after an early stop the checkpoint worth keeping.
     final_dir = run_dir / FINAL_DIR
-    model.config.use_cache = True
-    trainer.save_model(str(final_dir))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(final_dir))
+    stopped = read_stop(run_dir)
+    source = checkpoint_for_final(run_dir, stopped)
+    if source is not None:
+        if processes.is_main_process:
+            copy_model_files(source, final_dir)
+    elif stopped is None or stopped["reason"] != "instability":
+        model.config.use_cache = True  # training turned the KV cache off; generation wants it back
+        trainer.save_model(str(final_dir))
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(str(final_dir))
     return TrainResult(run_dir=run_dir, final_dir=final_dir, global_step=trainer.state.global_step,
-                       metrics=output.metrics, is_main_process=processes.is_main_process)
+                       metrics=output.metrics, is_main_process=processes.is_main_process, stopped=stopped)
 
 
 def no_accelerator() -> bool:
@@ -244,6 +267,33 @@ class CheckpointBookkeeping(TrainerCallback):
             state.best_model_checkpoint = str(best["path"])
             _write_json_atomically(self.run_dir / BEST_CHECKPOINT_FILE,
                                    {"checkpoint": best["path"].name, "step": best["step"], "eval_loss": best["eval_loss"]})
+
+
+def checkpoint_for_final(run_dir: Path, stopped: dict | None) -> Path | None:
+    """After a NaN, the last complete checkpoint; after a stop on a finding (overfitting...),
+    the best one by eval loss; after a normal end, None (the trained weights are final)."""
+    if stopped is None:
+        return None
+    if stopped["reason"] == "instability":
+        return latest_checkpoint(run_dir)
+    best = run_dir / BEST_CHECKPOINT_FILE
+    return run_dir / json.loads(best.read_text())["checkpoint"] if best.exists() else None
+
+
+# Trainer state that does not belong in a model directory.
+_CHECKPOINT_ONLY = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", COMPLETE_MARKER)
+
+
+def copy_model_files(checkpoint: Path, final_dir: Path) -> None:
+    final_dir.mkdir(parents=True, exist_ok=True)
+    for path in checkpoint.iterdir():
+        if path.is_file() and path.name not in _CHECKPOINT_ONLY and not path.name.startswith("rng_state"):
+            shutil.copy2(path, final_dir / path.name)
+    config = final_dir / "config.json"
+    if config.exists():  # checkpoints are saved with the KV cache off, for training
+        values = json.loads(config.read_text())
+        values["use_cache"] = True
+        config.write_text(json.dumps(values, indent=2))
 
 
 def best_checkpoint(run_dir: Path, log_history: list[dict]) -> dict | None:

@@ -1,0 +1,116 @@
+"""Monitoring: metrics, TensorBoard, plots, samples during training, early stops."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_jsonl
+from sftlab.config import FormatSpec, load_config
+from sftlab.monitor import METRICS_FILE, SAMPLES_FILE, follows_format, read_jsonl
+from sftlab.train import train
+
+
+def test_a_run_logs_throughput_tensorboard_plots_samples_and_diagnosis(tiny_config, tmp_path):
+    result = train(load_config(tiny_config, ["training.max_steps=6", "eval.format={type: regex, pattern: '.*plus.*'}"]))
+    run = result.run_dir
+    records = read_jsonl(run / METRICS_FILE)
+    train_logs = [r for r in records if "loss" in r]
+    assert all(r["trained_tokens"] > 0 and "num_tokens" in r for r in train_logs)
+    assert all(r["tokens_per_second"] > 0 for r in train_logs[1:])
+    assert train_logs[-1]["trained_tokens"] > train_logs[0]["trained_tokens"]
+    assert list(run.glob("runs/*/events.out.tfevents.*")), "TensorBoard is the default report_to"
+    for name in ("loss.png", "learning_rate.png", "grad_norm.png"):
+        assert (run / name).read_bytes()[:4] == b"\x89PNG"
+    samples = read_jsonl(run / SAMPLES_FILE)
+    assert {s["step"] for s in samples} == {3, 6} and len(samples) == 8  # 4 prompts at each evaluation
+    assert all(isinstance(s["ends_with_end_of_turn"], bool) and isinstance(s["follows_format"], bool) for s in samples)
+    assert all(s["prompt"].endswith("<|im_start|>assistant\n") for s in samples)
+    diagnosis = json.loads((run / "diagnosis.json").read_text())
+    assert diagnosis["phase"] and isinstance(diagnosis["findings"], list)
+
+
+@pytest.mark.parametrize("spec, text, expected", [
+    ({"type": "json"}, '{"a": 1}', True),
+    ({"type": "json"}, 'Here: {"a": 1}', False),
+    ({"type": "json_schema", "schema": {"type": "object", "required": ["name"]}}, '{"name": "x"}', True),
+    ({"type": "json_schema", "schema": {"type": "object", "required": ["name"]}}, '{"age": 3}', False),
+    ({"type": "regex", "pattern": r"\d+ apples"}, "12 apples", True),
+    ({"type": "regex", "pattern": r"\d+ apples"}, "12 apples and pears", False),
+    ({"type": "prefix", "text": "Answer:"}, "Answer: yes", True),
+    ({"type": "contains", "text": "yes"}, "no", False),
+])
+def test_format_specs(spec, text, expected):
+    assert follows_format(text, FormatSpec(**spec)) is expected
+    assert follows_format(text, None) is None
+
+
+def test_a_nan_stops_the_run_at_once_and_keeps_the_last_good_checkpoint(tiny_config):
+    cfg = load_config(tiny_config, ["training.max_steps=12", "training.save_steps=2", "training.eval_steps=2",
+                                    "training.learning_rate=1.0e+12", "training.warmup_ratio=0",
+                                    "training.lr_scheduler_type=constant", "training.max_grad_norm=1.0e+12"])
+    result = train(cfg)
+    assert result.stopped["reason"] == "instability"
+    assert result.global_step < 12
+    run = result.run_dir
+    from safetensors.torch import load_file
+
+    for checkpoint in run.glob("checkpoint-*"):  # nothing non-finite was ever saved
+        weights = load_file(checkpoint / "model.safetensors")
+        assert all(t.isfinite().all() for t in weights.values()), checkpoint
+    if result.final_dir.exists():
+        weights = load_file(result.final_dir / "model.safetensors")
+        assert all(t.isfinite().all() for t in weights.values())
+    diagnosis = subprocess.run([sys.executable, "-m", "sftlab.cli", "diagnose", str(run), "--json"],
+                               capture_output=True, text=True, timeout=300)
+    codes = {f["code"]: f["severity"] for f in json.loads(diagnosis.stdout)["findings"]}
+    assert codes.get("instability") == "error"
+
+
+def overfitting_config(tmp_path, tiny_model, stop_on: str) -> object:
+    rng = random.Random(0)
+    def nonsense():
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(60))
+    def rows(count):
+        return [{"messages": [{"role": "user", "content": f"Say code {i}."}, {"role": "assistant", "content": nonsense()}]}
+                for i in range(count)]
+    train_file, eval_file = write_jsonl(tmp_path / "t.jsonl", rows(8)), write_jsonl(tmp_path / "e.jsonl", rows(8))
+    (tmp_path / "overfit.yaml").write_text(f"""model:
+  name_or_path: {tiny_model}
+data:
+  train: {train_file}
+  eval: {eval_file}
+training:
+  output_dir: {tmp_path / 'overfit-run'}
+  max_steps: 120
+  per_device_train_batch_size: 4
+  learning_rate: 3.0e-3
+  warmup_ratio: 0
+  lr_scheduler_type: constant
+  logging_steps: 2
+  eval_steps: 4
+  save_steps: 4
+  packing: false
+monitor:
+  stop_on: {stop_on}
+  sample_prompts: 0
+""")
+    return tmp_path / "overfit.yaml"
+
+
+def test_stop_on_overfitting_stops_early_keeps_the_best_checkpoint_and_says_why(tmp_path, tiny_model):
+    result = train(load_config(overfitting_config(tmp_path, tiny_model, "[overfitting]")))
+    assert result.stopped is not None and result.stopped["reason"] == "overfitting", result.stopped
+    assert result.global_step < 120
+    assert "eval loss" in result.stopped["evidence"]
+    best = json.loads((result.run_dir / "best_checkpoint.json").read_text())
+    eval_losses = [r["eval_loss"] for r in read_jsonl(result.run_dir / METRICS_FILE) if "eval_loss" in r]
+    assert best["eval_loss"] == min(eval_losses)
+    # final/ holds the best checkpoint's weights, not the overfit ones
+    from safetensors.torch import load_file
+
+    final = load_file(result.final_dir / "model.safetensors")
+    kept = load_file(result.run_dir / best["checkpoint"] / "model.safetensors")
+    assert all((final[name] == kept[name]).all() for name in kept)
