@@ -5,7 +5,7 @@ import socket
 import subprocess
 import sys
 
-from sftlab.monitor import METRICS_FILE, read_metrics
+from sftlab.monitor import METRICS_FILE, read_jsonl
 
 
 def free_port() -> int:
@@ -29,7 +29,7 @@ def test_two_cpu_processes_train_one_run(tiny_config, tmp_path):
 
     # 48 examples, 4 per process per step: with 2 processes an epoch is 6 steps, not 12.
     # The epoch counter can only reach 1.0 at step 6 if both processes consumed their share.
-    records = read_metrics(run / METRICS_FILE)
+    records = read_jsonl(run / METRICS_FILE)
     losses = [r for r in records if "loss" in r]
     assert [r["step"] for r in losses] == [2, 4, 6]  # logged once, by the main process
     assert losses[-1]["epoch"] == 1.0

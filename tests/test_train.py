@@ -4,7 +4,7 @@ import pytest
 
 from sftlab.config import load_config
 from sftlab.errors import UserError
-from sftlab.monitor import METRICS_FILE, read_metrics
+from sftlab.monitor import METRICS_FILE, read_jsonl
 from sftlab.train import CONFIG_FILE, FINAL_DIR, train
 
 
@@ -15,7 +15,7 @@ def test_train_writes_a_complete_run_directory(tiny_config):
     assert result.global_step == 6
     assert (run / CONFIG_FILE).exists() and load_config(run / CONFIG_FILE).training["max_steps"] == 6
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
-    records = read_metrics(run / METRICS_FILE)
+    records = read_jsonl(run / METRICS_FILE)
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
     assert all("learning_rate" in r and "grad_norm" in r for r in records if "loss" in r)
@@ -38,7 +38,7 @@ def test_resume_continues_from_the_latest_checkpoint_and_logs_each_step_once(tin
     assert resumed.global_step == 8
     state = json.loads((cfg.output_dir / "checkpoint-8" / "trainer_state.json").read_text())
     assert state["global_step"] == 8
-    records = read_metrics(cfg.output_dir / METRICS_FILE)
+    records = read_jsonl(cfg.output_dir / METRICS_FILE)
     loss_steps = [r["step"] for r in records if "loss" in r]
     assert loss_steps == [2, 4, 6, 8]
     assert sum("train_runtime" in r for r in records) == 1
@@ -97,7 +97,7 @@ def test_the_best_checkpoint_by_eval_loss_survives_rotation_and_is_recorded(tiny
     result = train(cfg)
     run = result.run_dir
     best = json.loads((run / "best_checkpoint.json").read_text())
-    records = read_metrics(run / METRICS_FILE)
+    records = read_jsonl(run / METRICS_FILE)
     eval_losses = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
     assert best["eval_loss"] == min(eval_losses.values())
     assert best["step"] == min(eval_losses, key=eval_losses.get)

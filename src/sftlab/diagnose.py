@@ -274,15 +274,37 @@ def _mad_scale(values: np.ndarray) -> float:
 
 
 def _rolling_median(values: np.ndarray, window: int, centered: bool = True) -> np.ndarray:
+    """Median of each log's window: centered (truncated at the ends), or trailing (the log and those before it)."""
     n = len(values)
-    out = np.empty(n)
-    for i in range(n):
-        if centered:
-            lo, hi = max(0, i - window // 2), min(n, i + window // 2 + 1)
-        else:
-            lo, hi = max(0, i - window + 1), i + 1
-        out[i] = np.median(values[lo:hi])
+    if centered:
+        half = window // 2
+        padded = np.concatenate([np.full(half, np.nan), values, np.full(half, np.nan)])
+        if n == 0:
+            return np.empty(0)
+        return np.nanmedian(np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1), axis=1)
+    return np.array([np.median(values[max(0, i - window + 1):i + 1]) for i in range(min(n, window - 1))]
+                    + list(np.median(np.lib.stride_tricks.sliding_window_view(values, window), axis=1) if n >= window else []))
+
+
+def _trailing(values: np.ndarray, window: int, statistic) -> np.ndarray:
+    """statistic(values[max(0, i - window):i]) for i in 0..len(values) (the window before each index), vectorized:
+    `statistic(rows, axis)` gets a 2-D array of windows."""
+    n = len(values)
+    out = np.full(n + 1, np.nan)
+    for i in range(1, min(n, window - 1) + 1):  # the first, shorter windows
+        out[i] = statistic(values[:i][None, :], 1)[0]
+    if n >= window:
+        rows = np.lib.stride_tricks.sliding_window_view(values, window)  # rows[k] = values[k:k + window]
+        out[window:] = statistic(rows, 1)
     return out
+
+
+def _median_rows(rows: np.ndarray, axis: int) -> np.ndarray:
+    return np.median(rows, axis=axis)
+
+
+def _mad_rows(rows: np.ndarray, axis: int) -> np.ndarray:
+    return 1.4826 * np.median(np.abs(rows - np.median(rows, axis=axis, keepdims=True)), axis=axis)
 
 
 def _theil_sen_slope(x: np.ndarray, y: np.ndarray) -> float:
@@ -427,13 +449,16 @@ def _spikes(steps: np.ndarray, loss: np.ndarray) -> tuple[list, list]:
     """
     n, i = len(loss), SPIKE_MIN_HISTORY
     logs = np.log(np.maximum(loss, 1e-8))  # SFT loss noise is roughly multiplicative: measure it in log space
+    # for each log, from the logs before it: the local level, the local spread, and the longer log-to-log noise
+    # (8 logs can look deceptively calm); windowed statistics are computed at once for long runs
+    local_level = _trailing(logs, SPIKE_WINDOW, _median_rows)
+    local_spread = _trailing(logs, SPIKE_WINDOW, _mad_rows)
+    diff_noise = np.concatenate([[np.nan], _trailing(np.diff(logs), SPIKE_NOISE_HISTORY - 1, _mad_rows) / math.sqrt(2)])
     recovered, unrecovered = [], []
     while i < n:
-        history = logs[max(0, i - SPIKE_WINDOW):i]
-        level = float(np.exp(np.median(history)))
-        # noise: the local spread, or the log-to-log noise of the longer history (8 logs can look deceptively calm)
-        scale = max(_mad_scale(history), _noise(logs[max(0, i - SPIKE_NOISE_HISTORY):i]), SPIKE_MIN_SCALE_REL)
-        if not (logs[i] - math.log(max(level, 1e-8)) > SPIKE_Z * scale
+        level = float(np.exp(local_level[i]))
+        scale = max(float(local_spread[i]), float(np.nan_to_num(diff_noise[i])), SPIKE_MIN_SCALE_REL)
+        if not (logs[i] - local_level[i] > SPIKE_Z * scale
                 and loss[i] > level * (1 + SPIKE_MIN_REL) and loss[i] - level > SPIKE_MIN_ABS):
             i += 1
             continue

@@ -33,10 +33,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from sftlab.config import FormatSpec, MonitorConfig
-from sftlab.diagnose import Diagnosis, diagnose
+from sftlab.diagnose import METRICS_FILE, SAMPLES_FILE, Diagnosis, diagnose, read_history
 
-METRICS_FILE = "metrics.jsonl"
-SAMPLES_FILE = "samples_during_training.jsonl"
 DIAGNOSIS_FILE = "diagnosis.json"
 STOPPED_FILE = "stopped.json"
 PLOTS = {"loss": "loss.png", "learning_rate": "learning_rate.png", "grad_norm": "grad_norm.png"}
@@ -81,10 +79,6 @@ def read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return read_jsonl(path)
 
 
 def trim_metrics(path: Path, last_step: int) -> None:
@@ -273,10 +267,6 @@ class LiveDiagnosis(TrainerCallback):
         self.progress = progress
         self.reported: set[str] = set()
 
-    def current(self) -> Diagnosis:
-        return diagnose(read_jsonl(self.run_dir / METRICS_FILE), read_jsonl(self.run_dir / SAMPLES_FILE),
-                        memorization_loss=self.cfg.memorization_loss)
-
     def on_evaluate(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
@@ -295,10 +285,11 @@ class LiveDiagnosis(TrainerCallback):
             self.refresh()
 
     def refresh(self) -> Diagnosis:
-        diagnosis = self.current()
+        records, samples = read_history(self.run_dir)
+        diagnosis = diagnose(records, samples, memorization_loss=self.cfg.memorization_loss)
         (self.run_dir / DIAGNOSIS_FILE).write_text(json.dumps(diagnosis.to_json(), indent=2), encoding="utf-8")
         if self.cfg.plots:
-            plot_curves(self.run_dir, read_jsonl(self.run_dir / METRICS_FILE), diagnosis)
+            plot_curves(self.run_dir, records, diagnosis)
         return diagnosis
 
 
