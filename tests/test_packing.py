@@ -108,3 +108,25 @@ training:
     assert cfg.training["packing"] is True and cfg.training["eval_packing"] is False
     result = train(cfg)
     assert result.global_step == 3
+
+
+@pytest.mark.parametrize("packing, attention, expected", [
+    ("auto", None, False), ("auto", "sdpa", False), ("auto", "eager", False),
+    ("auto", "flash_attention_2", True), ("auto", "kernels-community/flash-attn2", True),
+    (True, "sdpa", True), (False, "flash_attention_2", False),
+])
+def test_auto_packing_follows_the_attention_kernel(packing, attention, expected):
+    from sftlab.train import resolve_packing
+
+    assert resolve_packing(packing, attention) is expected
+
+
+def test_auto_without_flash_attention_trains_length_grouped_batches(tiny_config):
+    from sftlab.train import build_sft_config
+
+    cfg = load_config(tiny_config)
+    assert cfg.training["packing"] == "auto"
+    args = build_sft_config(cfg, has_eval=True)
+    assert args.packing is False and args.train_sampling_strategy == "group_by_length"
+    args = build_sft_config(load_config(tiny_config, ["training.packing=true"]), has_eval=True)
+    assert args.packing is True

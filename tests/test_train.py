@@ -115,5 +115,5 @@ def test_the_plan_counts_steps_epochs_and_checkpoints(tiny_config, capsys):
     result = train(load_config(tiny_config, ["training.packing=false"]), console=console)
     text = console.file.getvalue()
     # 48 examples, batch 4 -> 12 steps per epoch; max_steps 6 -> half an epoch; saves at 3 and 6
-    assert "48 examples; 6 steps of" in text and "= 0.50 epochs; 2 checkpoints" in text
+    assert "48 examples in length-grouped batches; 6 steps of" in text and "= 0.50 epochs; 2 checkpoints" in text
     assert result.global_step == 6

@@ -157,8 +157,8 @@ _KEYS_OWNED_ELSEWHERE = {
     "dataset_text_field": "data.format: text",
     "dataset_kwargs": "the `data` section",
 }
-# Names TRL users know that transformers 5 renamed; sftlab translates them.
-_TRAINING_ALIASES = {"warmup_ratio": float}
+# Names TRL users know that transformers 5 renamed, and values sftlab adds; sftlab translates them.
+_TRAINING_ALIASES = {"warmup_ratio": float, "packing": bool | Literal["auto"]}
 
 # Defaults that follow the chapter: 1-3 epochs, small batches, conservative learning
 # rate with warmup, evaluation and checkpoints at the chapter's cadence.
@@ -173,7 +173,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "save_steps": 100,
     "save_total_limit": 3,
     "max_length": 1024,
-    "packing": True,  # sftlab refuses it for any model that would let packed examples see each other
+    # auto: pack where attention has variable-length kernels (flash attention), else batch by length
+    # (see train.resolve_packing); explicit true/false are honoured, packing behind a contamination check.
+    "packing": "auto",
     "eval_packing": False,
     "assistant_only_loss": True,
     "seed": 42,

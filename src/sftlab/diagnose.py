@@ -55,14 +55,17 @@ START_Z = 3.0  # the first log counts as the start when it is 3 noise scales abo
 PHASE_WINDOW_SHARE = 0.25  # the "recent" part of the curve is its last quarter (at least 3 logs): long enough to average out noise.
 CONVERGED_REL = 0.03  # converged when the recent quarter lowers the loss by less than 3% of its level: within typical log-to-log noise.
 CONVERGED_FLOOR_SHARE = 0.05  # ... relative to at least 5% of the initial loss, so a loss near 0 does not make 0.002 -> 0.001 look like 50%.
-PHASE_Z = 2.0  # ... or by less than 2 standard errors of the fitted change (a noisy flat curve has a random slope).
+PHASE_Z = 3.0  # ... or by less than 3 standard errors of the fitted change (a noisy flat curve has a random slope).
+PHASE_NOISE_MIN_POINTS = 8  # ... the log-to-log noise being measured once there are 8 logs.
 SHARP_RATE_RATIO = 0.5  # still in the sharp drop while the recent rate of descent is at least half the average rate since the start
 #   (an exponential decay keeps ~60% or more of its average rate during its first time constant, ~30% by the second).
 
 # Underfitting.
-UNDERFIT_MIN_POINTS = 10  # at least 10 train logs past warmup: the first evaluations of a run must not be called underfitting.
+UNDERFIT_MIN_POINTS = 10  # at least 10 train logs, not in warmup: the first evaluations of a run must not be called underfitting.
 UNDERFIT_REL = 0.10  # "no significant improvement": the loss fell by less than 10% of its initial level (fine-tunes usually fall 30%+),
 #   by both the start/end levels and a robust line through all logs, once the initial drop is over.
+UNDERFIT_MIN_STEPS = 50  # ... at least 50 optimizer steps ...
+UNDERFIT_AFTER_WARMUP = 2  # ... and twice the warmup (the step of the peak learning rate): as long at full rate as warming up ...
 UNDERFIT_Z = 1.5  # ... with a margin of 1.5 standard errors of the fitted fall: a very noisy curve needs more logs ...
 UNDERFIT_EVAL_REL = 0.05  # ... and eval loss (far less noisy than train loss) did not improve by 5% either.
 
@@ -81,7 +84,7 @@ TRAIN_RISE_Z = 2.0  # ... "rises" meaning a fitted rise above 2% and above 2 sta
 OVERFIT_ERROR_REL = 0.15  # eval loss 15%+ above its minimum is an error: the last checkpoints are clearly worse than the best one.
 SLOW_TRAIN_DROP_REL = 0.10  # widening gap: over the recent half of the evaluations train loss fell by at least 10% of its level ...
 SLOW_TRAIN_DROP_ABS = 0.02  # ... (and by at least 0.02 nats) ...
-SLOW_EVAL_RATIO = 1 / 3  # ... while eval loss fell by less than a third as much ("significantly slower") ...
+SLOW_EVAL_RATIO = 0.5  # ... while eval loss fell by less than half as much ("a significantly slower rate") ...
 GAP_WIDEN_REL = 0.10  # ... so that the eval - train gap grew by at least 10% of the eval loss ...
 GAP_WIDEN_ABS = 0.02  # ... and by at least 0.02 nats, to end larger than a healthy gap (below).
 SLOW_MIN_EVALS = 4  # a gap needs 4 evaluations to be seen widening (the recent half spans at least 3 of them) ...
@@ -105,12 +108,14 @@ SPIKE_RECOVERY_POINTS = 3  # ... within the next 3 logs; a loss that stays up fo
 SPIKE_MIN_AFTER = 2  # ... and it takes at least 2 logs after the spike to say so (a spike at the last log is pending, not flagged).
 SPIKE_FREQUENT_COUNT = 4  # recovered spikes are benign unless frequent: at least 4 of them ...
 SPIKE_FREQUENT_SHARE = 0.05  # ... in at least 5% of the logs.
-# Instability: divergence (a sustained rise rather than a jump).
-DIVERGE_REL = 0.30  # the smoothed train loss ends 30% above its smoothed minimum ...
-DIVERGE_Z = 5.0  # ... and 5 standard errors of the smoothed level above it (the minimum of many noisy medians is biased low) ...
-#   ... at the last two non-overlapping windows: a chance cluster of high logs does not last that long ...
-DIVERGE_WINDOW = 5  # ... smoothing with a trailing median of 5 logs (or a tenth of them, up to 10) ...
-DIVERGE_MIN_POINTS = 15  # ... with at least 15 train logs.
+# Instability: divergence (a sustained rise rather than a jump), on the log of the loss (noise is multiplicative).
+DIVERGE_MIN_POINTS = 15  # at least 15 train logs: a minimum, a rise, and two windows to confirm it.
+DIVERGE_WINDOW = 5  # the loss is smoothed with a trailing median of 5 logs (or a twentieth of them ...
+DIVERGE_MAX_WINDOW = 25  # ... up to 25: long runs logged every step need more smoothing, but a rise must still show within ~25 logs).
+DIVERGE_REL = 0.30  # diverging: the smoothed loss ends 30% above its smoothed minimum ...
+DIVERGE_Z = 3.0  # ... and 3 standard errors of a smoothed level above it, plus sqrt(2 ln K) more for the minimum of K noisy
+#   windows (which sits that far below the true level by chance), at both of the last two non-overlapping windows
+#   (a chance cluster of high logs does not last that long).
 # Instability: gradient norm explosions (transformers logs the pre-clipping norm of one step, so it is noisy: x2-x5 is common).
 GRAD_EXPLOSION_FACTOR = 10.0  # an explosion is a grad norm 10x the median of the previous 8 logs ...
 GRAD_MIN_HISTORY = 4  # ... (with at least 4 of them) ...
@@ -120,8 +125,9 @@ GRAD_EXTREME_FACTOR = 100.0  # ... or once at 100x: the update direction is garb
 
 # Inconsistent format (shares of sampled generations that end with the end-of-turn token and follow the format).
 FORMAT_MIN_EVALS = 3  # at least 3 evaluations with samples.
-FORMAT_DROP = 0.30  # falling: the last 2 shares are both 30 points below the best earlier share (with 4 prompts, 2 answers
-#   went wrong; one prompt flipping, 25 points, is noise).
+FORMAT_DROP = 0.30  # falling: the last shares are 30 points below the best earlier share (with 4 prompts, 2 answers
+#   went wrong; one prompt flipping, 25 points, is noise) ...
+FORMAT_DROP_POINTS = 2  # ... at the last 2 evaluations (one bad evaluation is not a trend).
 FORMAT_WINDOW = 6  # unstable: within the last 6 evaluations ...
 FORMAT_SWING = 0.30  # ... the share dropped by 30 points or more ...
 FORMAT_SWINGS = 2  # ... at least twice (a share that rises unevenly while the model learns to stop is not unstable).
@@ -154,7 +160,7 @@ ADVICE = {
         "Check the data for extreme examples (very long, empty or garbled rows): `sftlab check` lists lengths and problems.",
     ],
     "non_finite": [
-        "A NaN or infinite value stops the run: resume from the last good checkpoint with a lower learning rate.",
+        "A NaN or infinite value stops the run: go back to the last good checkpoint and change what follows.",
         "In fp16, prefer bf16 or fp32.",
     ],
     "inconsistent_format": [
@@ -168,6 +174,7 @@ ADVICE = {
 }
 
 _SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+RENDER_ADVICE = 2  # the terminal form shows the first two remedies of each warning; --json has them all
 
 
 # --------------------------------------------------------------------------- results
@@ -206,8 +213,8 @@ class Diagnosis:
             first, last = finding.steps
             where = f"step {first}" if first == last else f"steps {first}-{last}"
             lines.append(f"{finding.severity.upper()} {finding.code} ({where}): {finding.evidence}")
-            if finding.severity != "info" and finding.advice:
-                lines.append("  try: " + " ".join(finding.advice))
+            if finding.severity != "info":
+                lines += [f"  - {advice}" for advice in finding.advice[:RENDER_ADVICE]]
         lines += [f"note: {note}" for note in self.notes]
         if not self.findings and not self.notes:
             lines.append("no findings")
@@ -339,12 +346,15 @@ def _end_level(values: np.ndarray) -> float:
 
 
 def _level_at(steps: np.ndarray, values: np.ndarray, step: int) -> float | None:
-    """Train loss around `step`: the median of the last 3 logs at or before it (the first 3 if none)."""
+    """Train loss at `step`: the median of the last logs at or before it (a tenth of them, 3 to 50). Single logs are
+    far too noisy; the median lags a falling curve a little, which only makes the train/eval gap look smaller."""
     if len(values) == 0:
         return None
     upto = int(np.searchsorted(steps, step, side="right"))
-    chunk = values[max(0, upto - 3):upto] if upto else values[:3]
-    return float(np.median(chunk))
+    if upto == 0:
+        return float(np.median(values[:3]))
+    k = max(3, min(50, upto // 10))
+    return float(np.median(values[max(0, upto - k):upto]))
 
 
 # --------------------------------------------------------------------------- diagnosis
@@ -377,16 +387,16 @@ def diagnose(records: list[dict], samples: list[dict] = (), memorization_loss: f
         names = sorted({b[1] for b in bad})
         instability.append(("error", first_step, bad[-1][0],
                             f"{name} is {value} at step {first_step} ({len(bad)} non-finite value(s) in {', '.join(names)})"))
-    jumps, frequent = _spikes(train_steps, train)
+    jumps, frequent, still_up = _spikes(train_steps, train)
     divergence = _divergence(train_steps, train)
     instability += jumps + frequent + divergence + _grad_explosions(grad_steps, grad)
     if instability:
         severity = "error" if any(item[0] == "error" for item in instability) else "warning"
-        advice = (ADVICE["non_finite"] if bad else []) + ADVICE["instability"]
+        advice = ([ADVICE["non_finite"][0]] + ADVICE["instability"] + ADVICE["non_finite"][1:]) if bad else ADVICE["instability"]
         findings.append(Finding("instability", severity, (min(i[1] for i in instability), max(i[2] for i in instability)),
                                 "; ".join(item[3] for item in instability), advice))
     # a train loss that jumped or climbed and stays up: a rising eval loss is then instability, not overfitting
-    train_rising = bool(jumps or divergence)
+    train_rising = still_up or bool(divergence)
 
     if len(evals):
         overfit = _overfitting(train_steps, train, eval_steps, evals, train_rising)
@@ -397,7 +407,7 @@ def diagnose(records: list[dict], samples: list[dict] = (), memorization_loss: f
                                 "no eval loss was logged, so overfitting and the train/eval gap cannot be checked",
                                 ADVICE["no_eval_data"]))
 
-    for rule in (_underfitting(train_steps, train, eval_steps, evals, lr_steps, lr, phase),
+    for rule in (None if train_rising else _underfitting(train_steps, train, eval_steps, evals, lr_steps, lr, phase),
                  _memorization(train_steps, train, eval_steps, evals, memorization_loss),
                  _inconsistent_format(samples)):
         if rule:
@@ -408,9 +418,8 @@ def diagnose(records: list[dict], samples: list[dict] = (), memorization_loss: f
         eval_now, eval_step = float(evals[-1]), int(eval_steps[-1])
         train_now = _level_at(train_steps, train, eval_step)
         gap = eval_now - train_now
-        numbers_ = (f"train loss {_fmt(train_now)} and eval loss {_fmt(eval_now)} at step {eval_step}: "
-                    f"gap {gap:+.3g} ({gap / eval_now * 100:+.0f}% of eval loss)" if eval_now else
-                    f"train loss {_fmt(train_now)} and eval loss {_fmt(eval_now)} at step {eval_step}")
+        share = f" ({gap / eval_now * 100:+.0f}% of eval loss)" if abs(eval_now) >= 2 * HEALTHY_GAP_ABS else ""
+        numbers_ = f"train loss {_fmt(train_now)} and eval loss {_fmt(eval_now)} at step {eval_step}: gap {gap:+.3g}{share}"
         if gap <= max(HEALTHY_GAP_REL * abs(eval_now), HEALTHY_GAP_ABS):
             findings.append(Finding("healthy", "info", (int(train_steps[0]), int(max(train_steps[-1], eval_steps[-1]))),
                                     f"no warning signs; {numbers_}", ADVICE["healthy"]))
@@ -433,8 +442,10 @@ def _phase(steps: np.ndarray, loss: np.ndarray) -> tuple[str, str]:
     recent_steps, recent = steps[-window:], loss[-window:]
     slope = _theil_sen_slope(recent_steps, recent)
     decline = -slope * float(recent_steps[-1] - recent_steps[0])
-    uncertainty = PHASE_Z * _noise(recent) * math.sqrt(12 / len(recent))  # a change fitted through noise
-    if abs(decline) < max(CONVERGED_REL * max(end, CONVERGED_FLOOR_SHARE * start), uncertainty):
+    # a change fitted through noise (noise is only measurable on enough logs: a few logs of a sharp drop are all trend)
+    noise = _relative_noise(loss) * end if n >= PHASE_NOISE_MIN_POINTS else 0.0
+    uncertainty = PHASE_Z * noise * math.sqrt(12 / len(recent))
+    if abs(decline) <= max(CONVERGED_REL * max(end, CONVERGED_FLOOR_SHARE * start), uncertainty):
         return "converged", summary
     average_rate = (start - end) / max(float(steps[-1] - steps[0]), 1.0)
     if average_rate > 0 and -slope >= SHARP_RATE_RATIO * average_rate:
@@ -442,10 +453,11 @@ def _phase(steps: np.ndarray, loss: np.ndarray) -> tuple[str, str]:
     return "gradual_stabilization", summary
 
 
-def _spikes(steps: np.ndarray, loss: np.ndarray) -> tuple[list, list]:
+def _spikes(steps: np.ndarray, loss: np.ndarray) -> tuple[list, list, bool]:
     """Jumps far above the local level: benign when they recover (unless frequent), a warning when they do not.
 
-    Returns (unrecovered jumps, frequent recovered spikes) as (severity, first step, last step, evidence).
+    Returns (unrecovered jumps, frequent recovered spikes) as (severity, first step, last step, evidence), and
+    whether the loss is still up at the last log after a jump.
     """
     n, i = len(loss), SPIKE_MIN_HISTORY
     logs = np.log(np.maximum(loss, 1e-8))  # SFT loss noise is roughly multiplicative: measure it in log space
@@ -453,11 +465,12 @@ def _spikes(steps: np.ndarray, loss: np.ndarray) -> tuple[list, list]:
     # (8 logs can look deceptively calm); windowed statistics are computed at once for long runs
     local_level = _trailing(logs, SPIKE_WINDOW, _median_rows)
     local_spread = _trailing(logs, SPIKE_WINDOW, _mad_rows)
-    diff_noise = np.concatenate([[np.nan], _trailing(np.diff(logs), SPIKE_NOISE_HISTORY - 1, _mad_rows) / math.sqrt(2)])
+    diff_noise = np.nan_to_num(np.concatenate([[np.nan], _trailing(np.diff(logs), SPIKE_NOISE_HISTORY - 1, _mad_rows)]))
+    diff_noise /= math.sqrt(2)
     recovered, unrecovered = [], []
     while i < n:
         level = float(np.exp(local_level[i]))
-        scale = max(float(local_spread[i]), float(np.nan_to_num(diff_noise[i])), SPIKE_MIN_SCALE_REL)
+        scale = max(float(local_spread[i]), float(diff_noise[i]), SPIKE_MIN_SCALE_REL)
         if not (logs[i] - local_level[i] > SPIKE_Z * scale
                 and loss[i] > level * (1 + SPIKE_MIN_REL) and loss[i] - level > SPIKE_MIN_ABS):
             i += 1
@@ -486,7 +499,7 @@ def _spikes(steps: np.ndarray, loss: np.ndarray) -> tuple[list, list]:
         frequent.append(("warning", int(steps[recovered[0]]), int(steps[recovered[-1]]),
                       f"{len(recovered)} loss spikes in {n} logs (steps {', '.join(str(steps[k]) for k in recovered[:6])}"
                       f"{', ...' if len(recovered) > 6 else ''}): frequent even though each recovered"))
-    return found, frequent
+    return found, frequent, any(end == n - 1 for _, end, _ in unrecovered)
 
 
 def _divergence(steps: np.ndarray, loss: np.ndarray) -> list[tuple[str, int, int, str]]:
@@ -494,20 +507,25 @@ def _divergence(steps: np.ndarray, loss: np.ndarray) -> list[tuple[str, int, int
     n = len(loss)
     if n < DIVERGE_MIN_POINTS:
         return []
-    window = max(DIVERGE_WINDOW, min(10, n // 10))
+    window = max(DIVERGE_WINDOW, min(DIVERGE_MAX_WINDOW, n // 20))
     if n < 2 * window + DIVERGE_WINDOW:
         return []
-    smooth = _rolling_median(loss, window, centered=False)[window - 1:]
+    logs = np.log(np.maximum(loss, 1e-8))  # multiplicative noise: compare levels as ratios
+    smooth = _rolling_median(logs, window, centered=False)[window - 1:]
     lowest = int(np.argmin(smooth))
     minimum, now, before = float(smooth[lowest]), float(smooth[-1]), float(smooth[-1 - window])
-    # the standard error of a median of `window` logs is 1.25 sigma / sqrt(window)
-    noise = 1.25 * _relative_noise(loss) * abs(minimum) / math.sqrt(window)
-    threshold = max(DIVERGE_REL * abs(minimum), DIVERGE_Z * noise, SPIKE_MIN_ABS)
-    if now - minimum > threshold and before - minimum > threshold and len(smooth) - 1 - window > lowest:
+    # the standard error of a median of `window` logs is 1.25 sigma / sqrt(window); the lowest of K independent
+    # medians lies about sqrt(2 ln K) standard errors below the level, so the margin grows with the run
+    error = 1.25 * _noise(logs[-200:]) / math.sqrt(window)
+    z = DIVERGE_Z + math.sqrt(2 * math.log(max(n / window, 1.0)))
+    threshold = max(math.log(1 + DIVERGE_REL), z * error)
+    low, high = math.exp(minimum), math.exp(now)
+    if (now - minimum > threshold and before - minimum > threshold and high - low > SPIKE_MIN_ABS
+            and len(smooth) - 1 - window > lowest):
         at = lowest + window - 1
         return [("warning", int(steps[at]), int(steps[-1]),
-                 f"smoothed train loss rose from {_fmt(minimum)} at step {steps[at]} to {_fmt(now)} at step {steps[-1]} "
-                 f"({_pct(now, minimum)})")]
+                 f"smoothed train loss rose from {_fmt(low)} at step {steps[at]} to {_fmt(high)} at step {steps[-1]} "
+                 f"({_pct(high, low)})")]
     return []
 
 
@@ -523,8 +541,9 @@ def _relative_noise(values: np.ndarray) -> float:
 
 def _grad_explosions(steps: np.ndarray, grad: np.ndarray) -> list[tuple[str, int, int, str]]:
     exploded, worst = [], (0.0, 0, 0.0)  # indices; (ratio, index, reference)
+    references = _trailing(grad, SPIKE_WINDOW, _median_rows)
     for i in range(GRAD_MIN_HISTORY, len(grad)):
-        reference = float(np.median(grad[max(0, i - SPIKE_WINDOW):i]))
+        reference = float(references[i])
         if reference <= 0:
             continue
         ratio = grad[i] / reference
@@ -591,7 +610,7 @@ def _overfitting(train_steps, train, eval_steps, evals, train_rising: bool) -> F
     if (train_drop >= max(SLOW_TRAIN_DROP_REL * abs(train_at[0]), SLOW_TRAIN_DROP_ABS)
             and eval_drop < SLOW_EVAL_RATIO * train_drop
             and widened >= max(GAP_WIDEN_REL * abs(evals[-1]), GAP_WIDEN_ABS, uncertainty)
-            and gaps[-1] >= gaps[-2]
+            and gaps[-1] >= float(np.median(gaps))  # still wide at the end, not closing again
             and gaps[-1] > max(HEALTHY_GAP_REL * abs(evals[-1]), HEALTHY_GAP_ABS)):  # and the gap is no longer small
         return Finding("overfitting", "warning", (s0, s1),
                        f"from step {s0} to {s1} train loss fell {_fmt(train_at[0])} -> {_fmt(train_at[-1])} "
@@ -626,6 +645,9 @@ def _underfitting(train_steps, train, eval_steps, evals, lr_steps, lr, phase: st
         return None  # still warming up: the learning rate has not reached its peak yet
     if phase == "initial_sharp_drop":
         return None  # the loss still falls at its initial rate: too early to say it will not improve
+    peak_step = int(lr_steps[int(np.argmax(lr))]) if len(lr) else 0
+    if train_steps[-1] < max(UNDERFIT_MIN_STEPS, UNDERFIT_AFTER_WARMUP * peak_step):
+        return None  # too few steps at full learning rate to expect an improvement
     start, end = _start_level(train), _end_level(train)
     if start <= 0:
         return None
@@ -694,8 +716,8 @@ def _inconsistent_format(samples) -> Finding | None:
     size = max(count for _, _, count in shares)
     what = f"share of sampled answers that end with the end-of-turn token and follow the format ({size} per evaluation)"
     # falling: the last evaluations are well below the best earlier one
-    best = int(np.argmax(values[:-EVAL_RISE_POINTS]))
-    if all(v <= values[best] - FORMAT_DROP for v in values[-EVAL_RISE_POINTS:]):
+    best = int(np.argmax(values[:-FORMAT_DROP_POINTS]))
+    if all(v <= values[best] - FORMAT_DROP for v in values[-FORMAT_DROP_POINTS:]):
         return Finding("inconsistent_format", "warning", (shares[best][0], shares[-1][0]),
                        f"{what} fell from {values[best]:.0%} at step {shares[best][0]} to {values[-1]:.0%} at step {shares[-1][0]}",
                        ADVICE["inconsistent_format"])
@@ -768,7 +790,7 @@ def _read_jsonl(path: Path) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     if lines and not records:
-        raise UserError(f"{path}: no JSON object on any line; expected one metrics record per line (metrics.jsonl)",
+        raise UserError(f"{path}: no JSON object on any line; expected JSON Lines, one record per line",
                         hint=f"pass {_EXPECTED}")
     return records
 

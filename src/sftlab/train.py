@@ -172,6 +172,10 @@ def build_sft_config(cfg: SftlabConfig, has_eval: bool):
         values["warmup_steps"] = values.pop("warmup_ratio")
     # sftlab derives the loss masks itself (data.py); TRL would need {% generation %} markers.
     values["assistant_only_loss"] = False
+    values["packing"] = resolve_packing(values.get("packing", "auto"), cfg.model.attn_implementation)
+    if not values["packing"]:
+        # Without packing, batches of similar lengths waste little compute on padding.
+        values.setdefault("train_sampling_strategy", "group_by_length")
     on_gpu = torch.cuda.is_available()
     values.setdefault("use_cpu", no_accelerator())
     if "bf16" not in values and "fp16" not in values:
@@ -204,6 +208,22 @@ def refuse_contaminating_packing(model, cfg: SftlabConfig) -> None:
             hint="set training.packing: false, or model.attn_implementation to one that honours position ids "
             "(sdpa, eager or flash_attention_2 on models transformers supports natively)",
         )
+
+
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash")  # kernels that take packed rows natively
+
+
+def resolve_packing(packing, attn_implementation: str | None) -> bool:
+    """`auto` packs only where attention has variable-length kernels (flash attention).
+
+    Elsewhere (sdpa, eager, every CPU) a packed row is one long sequence with a block-
+    diagonal mask: attention over the whole row and a dense mask per layer, measured
+    at half the tokens/s and several times the memory of length-grouped batches
+    (bench/results/train_throughput_*.txt).
+    """
+    if packing != "auto":
+        return bool(packing)
+    return any(name in (attn_implementation or "") for name in VARLEN_ATTENTION)
 
 
 def prepare_run_dir(path: Path, resume: bool, overwrite: bool, processes=None) -> Path:
@@ -341,7 +361,7 @@ def print_plan(plan: dict, console=None) -> None:
     from rich.console import Console
 
     console = console or Console(stderr=True, highlight=False)
-    packed = f" packed into {plan['rows']:,} rows" if plan["packing"] else ""
+    packed = f" packed into {plan['rows']:,} rows" if plan["packing"] else " in length-grouped batches"
     console.print(f"plan: {plan['examples']:,} examples{packed}; {plan['steps']:,} steps of ~{plan['tokens_per_step']:,} tokens "
                   f"(~{plan['trained_tokens_per_step']:,} trained) = {plan['epochs']:.2f} epochs; "
                   f"{plan['checkpoints']} checkpoints (keeping {plan['save_total_limit'] or 'all'}), "
