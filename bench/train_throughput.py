@@ -485,6 +485,10 @@ def worker(kind: str, spec: dict) -> dict:
             "training": {"output_dir": spec["output_dir"], "num_train_epochs": 1, "learning_rate": spec["learning_rate"],
                          "max_length": spec["max_length"], "seed": spec["seed"], "save_strategy": "no"},
         }
+        from sftlab.config import apply_override
+
+        for override in spec.get("sftlab_set", []):  # --sftlab-set: try a change to sftlab's defaults
+            apply_override(raw, override)
         cfg = resolve_defaults(validate_config(raw, source="train_throughput"))
         trl.SFTTrainer = recording_trainer_class()  # sftlab.train imports it from trl when it builds the trainer
         run = train(cfg, overwrite=True)
@@ -640,7 +644,7 @@ def summarize(args, info: dict, data: dict, trl_r: dict, sft_r: dict, seconds: f
         "model": args.model, "machine": info, "data": data,
         "settings": {"seed": args.seed, "learning_rate": LEARNING_RATE, "per_device_train_batch_size": BATCH_SIZE,
                      "max_length": data["max_length"], "epochs": 1, "loss_allowance_nats": args.loss_allowance,
-                     "peak_tflops": args.peak_tflops, "memory": memory_kind},
+                     "peak_tflops": args.peak_tflops, "memory": memory_kind, "sftlab_set": args.sftlab_set},
         "trl": trl_r, "sftlab": sft_r,
         "ratios": {"tokens_per_s": speedup, "peak_memory": memory_ratio, "eval_loss_difference": loss_diff,
                    "token_count_gap": token_gap},
@@ -682,8 +686,9 @@ def summarize(args, info: dict, data: dict, trl_r: dict, sft_r: dict, seconds: f
     lines += [
         f"settings:   one epoch, learning rate {LEARNING_RATE:g}, per_device_train_batch_size {BATCH_SIZE}, "
         f"max_length {data['max_length']}; memory = {memory_kind}",
+        *([f"sftlab --set: {', '.join(args.sftlab_set)} (not sftlab's defaults)"] if args.sftlab_set else []),
         "",
-        f"  {'':<34}{'TRL (chapter)':>18}{'sftlab default':>18}",
+        f"  {'':<34}{'TRL (chapter)':>18}{'sftlab default' if not args.sftlab_set else 'sftlab --set':>18}",
         row("packing / padding-free", lambda r: f"{onoff(r['settings']['packing'])} / {onoff(r['settings']['padding_free'])}"),
         row("precision / param dtype", lambda r: f"{'bf16 autocast' if r['settings']['bf16'] else 'fp32'} / "
             f"{r['settings']['param_dtype'].replace('torch.', '')}"),
@@ -744,6 +749,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sftlab-commit", default=None,
                         help="measure sftlab (src/ and tests/) as committed at this git commit, exported with "
                         "`git archive`, instead of the working tree (which another change may be editing)")
+    parser.add_argument("--sftlab-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of sftlab's config, as `sftlab train --set` does (repeatable), to measure "
+                        "a proposed change to a default; the report names the overrides")
     parser.add_argument("--worker", choices=["trl", "sftlab"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -787,7 +795,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"model": model_source, "train": str(workdir / "train.jsonl"), "eval": str(workdir / "eval.jsonl"),
                 "max_length": max_length, "learning_rate": LEARNING_RATE, "seed": args.seed}
         trl_r = run_worker("trl", {**spec, "output_dir": str(workdir / "run-trl"), "base_eval": True}, workdir)
-        sft_r = run_worker("sftlab", {**spec, "output_dir": str(workdir / "run-sftlab")}, workdir)
+        sft_r = run_worker("sftlab", {**spec, "output_dir": str(workdir / "run-sftlab"), "sftlab_set": args.sftlab_set},
+                           workdir)
         info = machine_info()
         info["load_before"] = load_before
         info["sftlab_source"] = provenance["description"]
