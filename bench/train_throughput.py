@@ -16,11 +16,14 @@ subprocess (this script re-invokes itself with --worker), TRL first, then sftlab
           save_strategy="no")` (and on a CPU `use_cpu=True`, without which transformers refuses
           TRL's bf16 default), everything else TRL's default: activation (gradient) checkpointing
           on, bf16 autocast on (on CPUs too), loss on every token, no warmup.
-- sftlab: `sftlab.train.train(cfg)` with sftlab's defaults (packing with TRL's best-fit-decreasing
-          strategy, padding-free with restarting position ids, assistant-only loss, fp32 and no
-          activation checkpointing on CPU, bf16 and activation checkpointing on GPUs, warmup 10%),
-          given the same learning rate, one epoch, the same max_length and seed, no checkpoints
-          (save_strategy "no", like the TRL run) and no evaluation during training.
+- sftlab: `sftlab.train.train(cfg)` with sftlab's defaults, whatever they are at the measured
+          commit (the report shows what they came to: packing, precision, checkpointing, sampling,
+          loss). At 473df67: `packing: auto` (TRL's best-fit-decreasing packing, padding-free, only
+          where attention has variable-length kernels, else length-grouped batches), assistant-only
+          loss, fp32 and no activation checkpointing on CPU, bf16 and activation checkpointing on
+          GPUs, warmup 10%, TensorBoard logging. Given the same learning rate, one epoch, the same
+          max_length and seed, no checkpoints (save_strategy "no", like the TRL run) and no
+          evaluation during training.
 
 Both load the model with sftlab's own loader (`sftlab.model.load_tokenizer` / `load_model`), so
 they start from identical weights.
@@ -523,6 +526,8 @@ def worker(kind: str, spec: dict) -> dict:
         "settings": {"packing": bool(args.packing), "padding_free": bool(getattr(trainer, "padding_free", False)),
                      "bf16": bool(args.bf16), "activation_checkpointing": bool(args.gradient_checkpointing),
                      "assistant_only_loss": kind == "sftlab", "per_device_train_batch_size": args.per_device_train_batch_size,
+                     "sampling": str(getattr(args, "train_sampling_strategy", None)
+                                     or ("group_by_length" if getattr(args, "group_by_length", False) else "random")),
                      "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
                      "lr_scheduler_type": str(args.lr_scheduler_type), "max_length": args.max_length,
                      "device": str(args.device), "attn_implementation": model.config._attn_implementation,
@@ -693,6 +698,7 @@ def summarize(args, info: dict, data: dict, trl_r: dict, sft_r: dict, seconds: f
         row("precision / param dtype", lambda r: f"{'bf16 autocast' if r['settings']['bf16'] else 'fp32'} / "
             f"{r['settings']['param_dtype'].replace('torch.', '')}"),
         row("activation checkpointing", lambda r: onoff(r["settings"]["activation_checkpointing"])),
+        row("batches", lambda r: r["settings"].get("sampling", "?")),
         row("loss on", lambda r: "assistant" if r["settings"]["assistant_only_loss"] else "all tokens"),
         row("warmup steps / attention", lambda r: f"{r['settings']['warmup_steps']:g} / {r['settings']['attn_implementation']}"),
         row("rows (conversations)", lambda r: f"{r['dataset']['rows']:,} ({r['dataset']['conversations']:,})"),
