@@ -1,8 +1,9 @@
 """Generate the demo dataset: extract a person's record as strict JSON from a short text.
 
 The task is the chapter's "template control" case: the answer must be exactly one JSON
-object with the keys name, age and city, in that order, and nothing else. A small
-instruct model asked this usually wraps the JSON in prose or markdown, or renames keys.
+object with the keys name, age and city, in that order, and nothing else. The
+instructions do not spell the keys out: a small instruct model asked this invents its own
+(occupation, location...), wraps the JSON in prose or markdown, or keeps talking.
 
 Deterministic: the same seed gives byte-identical files.
     python scripts/make_demo_data.py  # writes src/sftlab/demo_data/{train,eval}.jsonl
@@ -15,7 +16,7 @@ import random
 from pathlib import Path
 
 SEED = 20261124
-TRAIN_SIZE, EVAL_SIZE = 1200, 200
+TRAIN_SIZE, EVAL_SIZE = 1200, 100
 OUT = Path(__file__).resolve().parent.parent / "src" / "sftlab" / "demo_data"
 
 FIRST = ["Maria", "John", "Aisha", "Kenji", "Lena", "Omar", "Sofia", "Liam", "Priya", "Mateo", "Chloe", "Noah",
@@ -41,11 +42,15 @@ TEXTS = [
     "{name} celebrated a {age}th birthday in {city} with friends from work.",
     "The interview was with {name}, {job} in {city}, who is {age}.",
 ]
+# The instructions ask for "the record" without spelling out its keys: the house format (exactly
+# name, age and city, no job) is what fine-tuning teaches. Asked this way, the base
+# model invents its own keys (occupation, location...) or answers in prose.
 INSTRUCTIONS = [
-    "Extract the person's details as JSON with the keys name, age and city.",
-    "Return a JSON object with keys \"name\", \"age\", \"city\" for the person in this text.",
-    "Read the text and output the person's name, age and city as JSON.",
-    "Give me a JSON record (name, age, city) of the person described.",
+    "Extract the person's details as a JSON record.",
+    "Turn this text into our standard person record.",
+    "Fill in the person record for the text below.",
+    "Give me the structured record of the person described.",
+    "Return the person in this text as a JSON object.",
 ]
 
 

@@ -1,5 +1,7 @@
 """Tests with the real embedded SmolLM2-135M-Instruct (GGUF, dequantized). Marked slow."""
 
+import json
+
 import pytest
 
 from conftest import write_jsonl
@@ -35,3 +37,20 @@ training:
                                            return_tensors="pt", return_dict=True)
     output = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     assert tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_the_demo_pipeline_checks_evaluates_trains_evaluates_again_and_reports(tmp_path):
+    from sftlab.demo import run_demo
+
+    audits = []
+    cut_down = ["training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "training.logging_steps=1",
+                "eval.num_prompts=3", "eval.max_new_tokens=8", "monitor.sample_prompts=1"]
+    result = run_demo(tmp_path / "demo", overrides=cut_down, show_audit=audits.append)
+    assert audits and audits[0]["ok"] and audits[0]["splits"]["eval"]["rows"] == 100
+    run = result.run_dir
+    before = json.loads((run / "eval" / "before.json").read_text())
+    after = json.loads((run / "eval" / "after.json").read_text())
+    assert before["num_prompts"] == after["num_prompts"] == 3
+    assert before["adherence"]["format_spec"]["type"] == "json_schema"
+    assert len((run / "eval" / "samples.jsonl").read_text().splitlines()) == 3
+    assert (run / "report.html").exists() and (run / "final" / "README.md").exists()

@@ -81,7 +81,9 @@ def test_lora_run_saves_an_adapter_that_loads_on_its_base(tiny_config, tiny_mode
 def test_resume_skips_a_checkpoint_that_was_not_completely_written(tiny_config):
     cfg = load_config(tiny_config)
     train(cfg)
-    (cfg.output_dir / "checkpoint-6" / "sftlab-complete.json").unlink()  # as if killed mid-save
+    # As if killed mid-save: before the Trainer wrote trainer_state.json (its last file) and the marker.
+    (cfg.output_dir / "checkpoint-6" / "sftlab-complete.json").unlink()
+    (cfg.output_dir / "checkpoint-6" / "trainer_state.json").unlink()
     from sftlab.train import latest_checkpoint
 
     assert latest_checkpoint(cfg.output_dir).name == "checkpoint-3"
@@ -117,3 +119,37 @@ def test_the_plan_counts_steps_epochs_and_checkpoints(tiny_config, capsys):
     # 48 examples, batch 4 -> 12 steps per epoch; max_steps 6 -> half an epoch; saves at 3 and 6
     assert "48 examples in length-grouped batches; 6 steps of" in text and "= 0.50 epochs; 2 checkpoints" in text
     assert result.global_step == 6
+
+
+def _default_batch_config(tmp_path, extra: str = ""):
+    (tmp_path / "c.yaml").write_text(f"data: {{train: t.jsonl}}\ntraining:\n  max_length: 1024\n{extra}")
+    return load_config(tmp_path / "c.yaml")
+
+
+def _batch(cfg) -> tuple[int, int]:
+    return cfg.training["per_device_train_batch_size"], cfg.training["gradient_accumulation_steps"]
+
+
+def test_a_cpu_splits_the_default_batch_only_when_its_activations_outgrow_the_training_state(tmp_path, tiny_model,
+                                                                                         monkeypatch):
+    import sftlab.train
+    from sftlab.config import ModelConfig
+    from sftlab.model import load_model
+
+    monkeypatch.setattr(sftlab.train, "has_accelerator", lambda: False)
+    model = load_model(ModelConfig(name_or_path=str(tiny_model)))
+    cfg = _default_batch_config(tmp_path)
+    # The tiny model's activations are far below the 1 GiB floor: the batch stays wide.
+    assert _batch(sftlab.train.fit_batch_to_memory(cfg, model)) == (4, 1)
+    # Without the floor they outgrow its few hundred kB of weights and optimizer state: one at a
+    # time, accumulated to the same 4 conversations per optimizer step.
+    monkeypatch.setattr(sftlab.train, "ACTIVATION_MEMORY_FLOOR", 0)
+    fitted = sftlab.train.fit_batch_to_memory(cfg, model)
+    assert _batch(fitted) == (1, 4) and "gradient_accumulation_steps: 4" in fitted.to_yaml()
+    # A batch the user chose, activation checkpointing, or an accelerator: left as set.
+    assert _batch(sftlab.train.fit_batch_to_memory(_default_batch_config(tmp_path, "  per_device_train_batch_size: 4\n"),
+                                                   model)) == (4, 1)
+    assert _batch(sftlab.train.fit_batch_to_memory(_default_batch_config(tmp_path, "  gradient_checkpointing: true\n"),
+                                                   model)) == (4, 1)
+    monkeypatch.setattr(sftlab.train, "has_accelerator", lambda: True)
+    assert _batch(sftlab.train.fit_batch_to_memory(cfg, model)) == (4, 1)

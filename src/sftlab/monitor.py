@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -84,13 +85,16 @@ def read_jsonl(path: Path) -> list[dict]:
 def trim_metrics(path: Path, last_step: int) -> None:
     """Drop records logged after `last_step`, so a resumed run logs each step once.
 
-    The end-of-run summary of the interrupted invocation goes too: the run continues.
+    The end-of-run summary of the interrupted invocation goes too: the run continues. A line
+    cut by the kill goes too. The file is replaced in one step, so a kill now loses nothing.
     """
     for file in (path, path.with_name(SAMPLES_FILE)):
         kept = [record for record in read_jsonl(file)
                 if record.get("step", 0) <= last_step and "train_runtime" not in record]
         if file.exists():
-            file.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+            temporary = file.with_name(file.name + ".tmp")
+            temporary.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+            os.replace(temporary, file)
 
 
 def _finite(value):
@@ -199,8 +203,12 @@ def generation_prompts(tokenizer, examples, count: int) -> list[str]:
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, stop_ids: list[int],
-             chat: bool = True) -> list[dict]:
-    """Greedy, batched, left-padded generation with the KV cache. Returns text and whether each stopped."""
+             chat: bool = True, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[dict]:
+    """Batched, left-padded generation with the KV cache, greedy unless `do_sample`.
+
+    Returns, per prompt, the text (special tokens skipped), the new token ids before the
+    stop token (to look for leaked template tokens), and whether it stopped.
+    """
     import torch
 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -208,19 +216,22 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, stop_ids
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
     finally:
         tokenizer.padding_side = side
+    # Sampling settings only when sampling: with greedy decoding transformers warns about them.
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                    eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
+                                    eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, **sampling)
     finally:
         model.train(was_training)
     results = []
     for row in output[:, batch["input_ids"].shape[1]:].tolist():
         stop_at = next((i for i, token in enumerate(row) if token in stop_ids), None)
         new = row if stop_at is None else row[:stop_at]
-        results.append({"output": tokenizer.decode(new, skip_special_tokens=True), "stopped": stop_at is not None})
+        results.append({"output": tokenizer.decode(new, skip_special_tokens=True), "token_ids": new,
+                        "stopped": stop_at is not None})
     return results
 
 

@@ -11,8 +11,10 @@ audited.
 Trade-offs:
 - A run directory that exists is never reused without `--resume` or replaced without
   `--overwrite`, and `--overwrite` only ever deletes a directory sftlab made.
-- On CPU, gradient checkpointing is off by default (TRL turns it on): memory is rarely
-  the limit for the small models that train on a CPU, and recomputation costs ~25%.
+- On CPU, activation (gradient) checkpointing is off by default (TRL turns it on): the
+  batch goes through one conversation at a time with gradient accumulation (see
+  config.default_batch_shape), which keeps activations small without paying ~30% for
+  recomputation. bf16 autocast where the CPU computes in bf16 natively, as TRL does.
 """
 
 from __future__ import annotations
@@ -21,27 +23,28 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from sftlab.config import SftlabConfig
+from sftlab.config import CONFIG_FILE, SftlabConfig
 from sftlab.data import prepare_data
 from sftlab.errors import ConfigError, DataError, UserError
+from sftlab.evaluate import evaluate_after_training, evaluate_before_training, held_out_set
 from sftlab.model import (
-    add_default_chat_template, load_model, load_tokenizer, packing_contamination, packing_tolerance, peft_config,
+    FINAL_DIR, activation_bytes_per_token, add_default_chat_template, load_model, training_state_bytes, load_tokenizer, packing_contamination, packing_tolerance, peft_config,
 )
 from sftlab.monitor import (
     METRICS_FILE, STOPPED_FILE, LiveDiagnosis, MetricsLogger, NonFiniteGuard, OutputSampler, ProgressBar, read_stop,
     trim_metrics,
 )
+from sftlab.report import write_audit, write_report, write_run_info
 
 RUN_MARKER = ".sftlab-run"
 COMPLETE_MARKER = "sftlab-complete.json"  # written into a checkpoint once everything in it is saved
 BEST_CHECKPOINT_FILE = "best_checkpoint.json"  # marks a directory sftlab created, the only kind --overwrite may delete
-CONFIG_FILE = "config.yaml"
-FINAL_DIR = "final"
 
 
 @dataclass
@@ -59,24 +62,32 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
     #    every process runs this function; only the main one writes files.
     from accelerate import PartialState
 
-    processes = PartialState(cpu=no_accelerator())  # on CPUs, several processes talk over gloo
+    processes = PartialState(cpu=not has_accelerator())  # on CPUs, several processes talk over gloo
     run_dir = prepare_run_dir(cfg.output_dir, resume=resume, overwrite=overwrite, processes=processes)
     checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None and processes.is_main_process:
+        discarded = discard_incomplete_checkpoints(run_dir)  # a kill mid-save left them; training writes them again
+        print_note(f"resuming from {checkpoint.name}"
+                   + (f"; discarded the incomplete {', '.join(p.name for p in discarded)}" if discarded else ""), console)
 
     # 2-3. Tokenizer, then data tokenized with it: exactly what `sftlab check` audits. The
     #      main process prepares (and caches) first; the others then load its cache.
     with processes.main_process_first():
         tokenizer, data = tokenizer_and_data(cfg)
     refuse_if_not_trainable(data.audit)
+    refuse_evaluation_without_eval_data(cfg, has_eval=data.eval is not None)
 
-    # 4. SFTConfig from the `training` section, validated by TRL itself.
+    # 4. Model, grown to the tokenizer if a default chat template added tokens.
+    model = load_model(cfg.model, tokenizer)
+
+    # 5. SFTConfig from the `training` section, validated by TRL itself, with the default batch
+    #    fed in micro-batches that fit in memory on a CPU. Packing is refused unless this model
+    #    and attention implementation keep packed examples apart.
+    cfg = fit_batch_to_memory(cfg, model)
     args = build_sft_config(cfg, has_eval=data.eval is not None)
     if processes.is_main_process:
         (run_dir / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
-
-    # 5. Model, grown to the tokenizer if a default chat template added tokens. Packing is
-    #    refused unless this model and attention implementation keep packed examples apart.
-    model = load_model(cfg.model, tokenizer)
+        write_audit(run_dir, data.audit)  # eval/audit.json: the dataset characteristics, for the report
     if args.packing:
         refuse_contaminating_packing(model, cfg)
 
@@ -106,15 +117,27 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    plan = training_plan(trainer, data.audit)
     if trainer.is_world_process_zero():
-        print_plan(training_plan(trainer, data.audit), console)
+        print_plan(plan, console)
+        write_run_info(run_dir, trainer.args, plan)  # hardware, versions, resolved arguments: for the report
+    # Pre-flight, before anything slow: the run directory takes writes and has room for the checkpoints.
+    for warning in preflight(trainer, plan, run_dir, resume_step=checkpoint_step(checkpoint) if checkpoint else 0):
+        if trainer.is_world_process_zero():
+            print_note(warning, console, warning=True)
+
+    # 6b. The base model on the held-out prompts, where the trainer placed it, before any step:
+    #     eval/before.json (once: a resumed run keeps it). The main process evaluates.
+    held_out = held_out_set(cfg, tokenizer, data) if processes.is_main_process else None
+    if processes.is_main_process:
+        evaluate_before_training(run_dir, trainer.model, tokenizer, cfg, held_out, console)
 
     # 7. Train, or resume from the latest complete checkpoint with each step logged once.
     if checkpoint is not None and processes.is_main_process:
         trim_metrics(run_dir / METRICS_FILE, checkpoint_step(checkpoint))
         (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # the run goes on: an earlier stop no longer holds
     processes.wait_for_everyone()
-    with _out_of_memory_as_user_error():
+    with _out_of_memory_as_user_error(trainer.args):
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     # 8. The final model (or LoRA adapter) with its tokenizer, loadable with from_pretrained:
@@ -130,15 +153,27 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
         trainer.save_model(str(final_dir))
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(str(final_dir))
+
+    # 9. The tuned model on the same held-out prompts: eval/after.json, eval/samples.jsonl and the
+    #    before/after table; the weights in memory when they are final/, else final/ loaded.
+    if processes.is_main_process:
+        in_memory = trainer.model if source is None and processes.num_processes == 1 else None
+        step = checkpoint_step(source) if source is not None else trainer.state.global_step
+        evaluate_after_training(run_dir, in_memory, tokenizer, cfg, held_out, step, console)
+
+    # 10. The run documents itself: final/README.md (model card) and report.html, from the run directory.
+    if processes.is_main_process:
+        write_report(run_dir)
     return TrainResult(run_dir=run_dir, final_dir=final_dir, global_step=trainer.state.global_step,
                        metrics=output.metrics, is_main_process=processes.is_main_process, stopped=stopped)
 
 
-def no_accelerator() -> bool:
+def has_accelerator() -> bool:
+    """A GPU (CUDA/ROCm), Apple MPS or Intel XPU that transformers would train on."""
     import torch
 
-    return not (torch.cuda.is_available() or torch.backends.mps.is_available()
-                or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+    return (torch.cuda.is_available() or torch.backends.mps.is_available()
+            or (hasattr(torch, "xpu") and torch.xpu.is_available()))
 
 
 def check(cfg: SftlabConfig) -> dict:
@@ -161,6 +196,19 @@ def refuse_if_not_trainable(audit: dict) -> None:
         raise DataError(f"the data cannot be trained: {'; '.join(audit['errors'])}", hint="run `sftlab check` for the full audit")
 
 
+def refuse_evaluation_without_eval_data(cfg: SftlabConfig, has_eval: bool) -> None:
+    """Settings that only work with evaluation, when the data left no eval rows (a small
+    dataset's eval_split can round to none); plain eval_strategy is simply turned off."""
+    if has_eval:
+        return
+    wanted = [f"training.{key}" for key in ("load_best_model_at_end", "metric_for_best_model") if cfg.training.get(key)]
+    if "overfitting" in cfg.monitor.stop_on:
+        wanted.append("monitor.stop_on: overfitting")
+    if wanted:
+        raise ConfigError(f"{', '.join(wanted)} needs eval data, but the data has no eval rows",
+                          hint="set data.eval, or a data.eval_split that leaves at least one row (see `sftlab check`)")
+
+
 def build_sft_config(cfg: SftlabConfig, has_eval: bool):
     """Turn the `training` section into TRL's SFTConfig, translating what sftlab owns."""
     import torch
@@ -173,13 +221,13 @@ def build_sft_config(cfg: SftlabConfig, has_eval: bool):
     # sftlab derives the loss masks itself (data.py); TRL would need {% generation %} markers.
     values["assistant_only_loss"] = False
     values["packing"] = resolve_packing(values.get("packing", "auto"), cfg.model.attn_implementation)
-    if not values["packing"]:
+    if not values["packing"] and values.get("per_device_train_batch_size", 8) > 1:
         # Without packing, batches of similar lengths waste little compute on padding.
         values.setdefault("train_sampling_strategy", "group_by_length")
     on_gpu = torch.cuda.is_available()
-    values.setdefault("use_cpu", no_accelerator())
+    values.setdefault("use_cpu", not has_accelerator())
     if "bf16" not in values and "fp16" not in values:
-        values["bf16"] = on_gpu and torch.cuda.is_bf16_supported()
+        values["bf16"] = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_native_bf16()
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing; accept both.
     if "gradient_checkpointing" in values:
         values.setdefault("activation_checkpointing", values.pop("gradient_checkpointing"))
@@ -193,9 +241,49 @@ def build_sft_config(cfg: SftlabConfig, has_eval: bool):
     values.setdefault("disable_tqdm", True)  # sftlab's ProgressBar replaces transformers' bars
     try:
         return SFTConfig(**values)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OSError, ImportError) as exc:  # OSError: a missing accelerator/deepspeed file
         raise ConfigError(f"training: {str(exc).strip().splitlines()[0]}",
                           hint="these training settings do not work together; see TRL's SFTConfig docs") from None
+
+
+# Below this, activation memory is not worth saving: small models are dispatch-bound on a CPU
+# and train fastest in wide micro-batches.
+ACTIVATION_MEMORY_FLOOR = 2**30
+
+
+def fit_batch_to_memory(cfg: SftlabConfig, model) -> SftlabConfig:
+    """On a CPU without activation checkpointing, feed sftlab's default batch (4 conversations
+    per optimizer step) in the widest micro-batches whose activations stay within the memory
+    that weights, gradients and optimizer state take anyway (at least 1 GiB), accumulating
+    gradients to the same 4 conversations per step.
+
+    The gradient is the same (transformers normalizes the loss by the tokens of the whole
+    accumulated batch); a CPU loses little speed, as one long conversation already keeps its
+    matrix kernels busy, and saves the padding. On SmolLM2-135M: 1 conversation x 4
+    accumulation steps (bench/results/train_throughput_smollm2.txt). Where the user set a
+    batch key, or on an accelerator (activation checkpointing on), the batch is left as set.
+    """
+    training = cfg.training
+    checkpointing = training.get("activation_checkpointing", training.get("gradient_checkpointing", False))
+    if not cfg.batch_is_default or has_accelerator() or checkpointing:
+        return cfg
+    rows_per_step = training["per_device_train_batch_size"] * training["gradient_accumulation_steps"]
+    per_token = activation_bytes_per_token(model, bytes_per_value=2 if cpu_has_native_bf16() else 4)
+    budget = max(training_state_bytes(model), ACTIVATION_MEMORY_FLOOR)
+    tokens_per_row = training.get("max_length") or 1024
+    rows = next(r for r in range(rows_per_step, 0, -1)
+                if rows_per_step % r == 0 and (r * tokens_per_row * per_token <= budget or r == 1))
+    fitted = {**training, "per_device_train_batch_size": rows, "gradient_accumulation_steps": rows_per_step // rows}
+    return cfg.model_copy(update={"training": fitted})
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 autocast (TRL's default) pays on CPUs with bf16 matrix instructions (AVX512-BF16, AMX):
+    1.5x the tokens/s of fp32 on SmolLM2-135M here. Elsewhere it is emulated and slower than fp32."""
+    import torch
+
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe is not None and probe() for probe in probes)
 
 
 def refuse_contaminating_packing(model, cfg: SftlabConfig) -> None:
@@ -245,20 +333,53 @@ def prepare_run_dir(path: Path, resume: bool, overwrite: bool, processes=None) -
         if processes is not None:
             processes.wait_for_everyone()
         return path
-    if has_contents:
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / RUN_MARKER).write_text("created by sftlab; `sftlab train --overwrite` may replace this directory\n")
+    try:
+        if has_contents:
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / RUN_MARKER).write_text("created by sftlab; `sftlab train --overwrite` may replace this directory\n")
+    except OSError as exc:
+        raise UserError(f"cannot create the run directory {path}: {exc.strerror or exc}",
+                        hint="set training.output_dir to a directory you can write to") from None
     if processes is not None:
         processes.wait_for_everyone()
     return path
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that was written completely (a run killed mid-save leaves an unmarked one)."""
-    checkpoints = [p for p in Path(run_dir).glob("checkpoint-*")
-                   if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / COMPLETE_MARKER).exists()]
-    return max(checkpoints, key=checkpoint_step, default=None)
+    """The newest checkpoint that was written completely (a run killed mid-save leaves an incomplete one)."""
+    return max((p for p in _checkpoint_dirs(run_dir) if checkpoint_is_complete(p)), key=checkpoint_step, default=None)
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    return [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+
+
+def checkpoint_is_complete(checkpoint: Path) -> bool:
+    """Marked complete by CheckpointBookkeeping, or holding a whole trainer_state.json for its step.
+
+    Trainer._save_checkpoint (transformers 5) writes, in order: the weights, the optimizer and
+    scheduler, the RNG state, trainer_state.json; then it deletes checkpoints beyond
+    save_total_limit, and only then do callbacks' on_save (the marker) run. A kill in that
+    last window can leave the only surviving checkpoint unmarked, so a trainer_state.json that
+    parses and names this step (it is written last, and a kill mid-write leaves it cut) counts too.
+    """
+    if (checkpoint / COMPLETE_MARKER).exists():
+        return True
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("global_step") == checkpoint_step(checkpoint)
+
+
+def discard_incomplete_checkpoints(run_dir: Path) -> list[Path]:
+    """Delete checkpoint-N directories a kill left half-written: sftlab's own files, never resumable,
+    and in the way of the Trainer, which writes checkpoint-N again when it reaches step N."""
+    discarded = [p for p in _checkpoint_dirs(run_dir) if not checkpoint_is_complete(p)]
+    for checkpoint in discarded:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return discarded
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -268,8 +389,9 @@ def checkpoint_step(checkpoint: Path) -> int:
 class CheckpointBookkeeping(TrainerCallback):
     """After each save: mark the checkpoint complete, and keep the best one by eval loss.
 
-    `on_save` runs once the Trainer has written the whole checkpoint, so the marker means
-    it is safe to resume from. The best checkpoint becomes the Trainer's
+    `on_save` runs once the Trainer has written the whole checkpoint (weights, optimizer,
+    RNG state, trainer_state.json: see checkpoint_is_complete), so the marker means it is
+    safe to resume from. The best checkpoint becomes the Trainer's
     `best_model_checkpoint`, which its rotation (save_total_limit) never deletes.
     """
 
@@ -321,8 +443,8 @@ def best_checkpoint(run_dir: Path, log_history: list[dict]) -> dict | None:
     eval_loss_at = {entry["step"]: entry["eval_loss"] for entry in log_history if "eval_loss" in entry}
     candidates = [
         {"path": path, "step": checkpoint_step(path), "eval_loss": eval_loss_at[checkpoint_step(path)]}
-        for path in Path(run_dir).glob("checkpoint-*")
-        if path.name.split("-")[-1].isdigit() and (path / COMPLETE_MARKER).exists() and checkpoint_step(path) in eval_loss_at
+        for path in _checkpoint_dirs(run_dir)
+        if checkpoint_is_complete(path) and checkpoint_step(path) in eval_loss_at
     ]
     return min(candidates, key=lambda c: c["eval_loss"], default=None)
 
@@ -371,17 +493,130 @@ def print_plan(plan: dict, console=None) -> None:
                       "watch for overfitting or lower max_steps", soft_wrap=True)
 
 
+# What out-of-memory looks like: torch's own error on GPUs, a RuntimeError from the CPU allocator,
+# Python's MemoryError for host memory, and older/other backends' RuntimeError messages.
+_OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException | None) -> bool:
+    import torch
+
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _OUT_OF_MEMORY_MESSAGES)
+
+
+def out_of_memory_hint(args=None) -> str:
+    """The chapter's remedies, with the numbers of this run where they are known."""
+    batch = getattr(args, "per_device_train_batch_size", None)
+    accumulation = getattr(args, "gradient_accumulation_steps", None) or 1
+    max_length = getattr(args, "max_length", None)
+    if isinstance(batch, int) and batch > 1:
+        smaller = f"per_device_train_batch_size: {batch // 2} with gradient_accumulation_steps: {accumulation * 2} (the same rows per step)"
+    else:
+        smaller = "a smaller training.per_device_train_batch_size with a larger gradient_accumulation_steps"
+    shorter = f"max_length: {max_length // 2}" if isinstance(max_length, int) and max_length > 1 else "a shorter max_length"
+    return (f"in the training section, try {smaller}; or {shorter}; or activation_checkpointing: true "
+            "(recomputes activations instead of storing them); or add a `lora:` section (trains an adapter, "
+            "with far smaller gradients and optimizer state)")
+
+
+def preflight(trainer, plan: dict, run_dir: Path, resume_step: int = 0) -> list[str]:
+    """Before the first step, what would otherwise fail late: raise for a run directory that takes
+    no writes or lacks room for the checkpoints; return warnings for cadences that never fire."""
+    args = trainer.args
+    try:
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".sftlab-write-test-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write to the run directory {run_dir}: {exc.strerror or exc}",
+                        hint="set training.output_dir to a directory you can write to") from None
+
+    per_checkpoint, final = checkpoint_size_estimate(trainer.model, save_optimizer=not args.save_only_model)
+    new = checkpoints_to_write(args, plan, resume_step)
+    if args.save_total_limit:  # the Trainer writes a new checkpoint before it deletes the oldest
+        existing = len(_checkpoint_dirs(run_dir))  # a resumed run has some already
+        new = max(0, min(existing + new, args.save_total_limit + 1) - existing)
+    needed = per_checkpoint * new + final
+    free = shutil.disk_usage(run_dir).free
+    if needed > free:
+        raise UserError(
+            f"not enough disk space in {run_dir}: the run needs about {_gigabytes(needed)} ({new} more checkpoints "
+            f"of ~{_gigabytes(per_checkpoint)} each, and final/), {_gigabytes(free)} is free",
+            hint="lower training.save_total_limit, set training.output_dir on a larger disk, or add a `lora:` "
+            "section (checkpoints then hold only the adapter and its optimizer state)")
+    return cadence_warnings(args, plan["steps"])
+
+
+def checkpoint_size_estimate(model, save_optimizer: bool = True) -> tuple[int, int]:
+    """(bytes per checkpoint, bytes of final/), from the model as it will train.
+
+    A checkpoint holds the saved weights (every weight, or only a LoRA adapter) and, unless
+    save_only_model, the optimizer state: AdamW keeps two moments per trained weight, so a
+    full fine-tune in fp32 takes ~12 bytes per parameter.
+    """
+    parameters = list(model.parameters())  # tied weights appear once
+    trained = sum(p.numel() * p.element_size() for p in parameters if p.requires_grad)
+    is_adapter = hasattr(model, "peft_config")
+    weights = trained if is_adapter else sum(p.numel() * p.element_size() for p in parameters)
+    return weights + (2 * trained if save_optimizer else 0), weights
+
+
+def checkpoints_to_write(args, plan: dict, resume_step: int = 0) -> int:
+    steps = plan["steps"]
+    if args.save_strategy == "steps" and args.save_steps:
+        every = args.save_steps if args.save_steps >= 1 else max(1, math.ceil(args.save_steps * steps))
+        return max(0, math.ceil(steps / every) - resume_step // every)  # the last step always saves
+    if args.save_strategy == "epoch":
+        return max(1, math.ceil(plan["epochs"]))
+    if args.save_strategy == "best":
+        return plan["evaluations"] or 1
+    return 0
+
+
+def cadence_warnings(args, steps: int) -> list[str]:
+    """Save, eval and logging intervals that never fire before the end of the run."""
+    warnings = []
+    def interval(value):
+        return value if value >= 1 else math.ceil(value * steps)
+    if args.save_strategy == "no":
+        warnings.append("training.save_strategy is no: nothing to resume from if the run is killed")
+    elif args.save_strategy == "steps" and interval(args.save_steps) >= steps > 1:
+        warnings.append(f"training.save_steps {args.save_steps:g} is not below the run's {steps} steps: the only "
+                        f"checkpoint is written at the end, so a killed run restarts from scratch")
+    if args.eval_strategy == "steps" and interval(args.eval_steps or args.logging_steps) >= steps > 1:
+        warnings.append(f"training.eval_steps {args.eval_steps or args.logging_steps:g} is not below the run's {steps} "
+                        f"steps: a single evaluation, at the end; overfitting cannot be seen during training")
+    if args.logging_strategy == "steps" and interval(args.logging_steps) > steps:
+        warnings.append(f"training.logging_steps {args.logging_steps:g} is more than the run's {steps} steps: "
+                        "no training loss is logged, so the curves and the diagnosis stay empty")
+    return warnings
+
+
+def print_note(text: str, console=None, warning: bool = False) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = console or Console(stderr=True, highlight=False)
+    console.print(("[yellow]warning[/]: " if warning else "") + escape(text), soft_wrap=True)
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e7 else f"{size / 1e6:.2f} MB"
+
+
 class _out_of_memory_as_user_error:
+    """Out of memory (GPU or host) during training becomes a UserError with concrete next steps."""
+
+    def __init__(self, args=None):
+        self.args = args
+
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        import torch
-
-        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-            raise UserError(
-                f"out of memory during training ({type(exc).__name__})",
-                hint="lower training.per_device_train_batch_size and raise gradient_accumulation_steps, "
-                "shorten training.max_length, set training.gradient_checkpointing: true, or add a `lora:` section",
-            ) from exc
+        if is_out_of_memory(exc):
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no details"
+            raise UserError(f"out of memory during training ({type(exc).__name__}: {detail})",
+                            hint=out_of_memory_hint(self.args)) from exc
         return False
