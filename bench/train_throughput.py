@@ -18,12 +18,15 @@ subprocess (this script re-invokes itself with --worker), TRL first, then sftlab
           on, bf16 autocast on (on CPUs too), loss on every token, no warmup.
 - sftlab: `sftlab.train.train(cfg)` with sftlab's defaults, whatever they are at the measured
           commit (the report shows what they came to: packing, precision, checkpointing, sampling,
-          loss). At 473df67: `packing: auto` (TRL's best-fit-decreasing packing, padding-free, only
+          loss). At 7108c37: `packing: auto` (TRL's best-fit-decreasing packing, padding-free, only
           where attention has variable-length kernels, else length-grouped batches), assistant-only
-          loss, fp32 and no activation checkpointing on CPU, bf16 and activation checkpointing on
-          GPUs, warmup 10%, TensorBoard logging. Given the same learning rate, one epoch, the same
-          max_length and seed, no checkpoints (save_strategy "no", like the TRL run) and no
-          evaluation during training.
+          loss, warmup 10%, TensorBoard logging; on a CPU no activation checkpointing, bf16
+          autocast where the CPU has native bf16, and the batch of 4 conversations per step fed
+          in micro-batches fitted to memory (SmolLM2 at max_length 1024: 1 x 4 accumulation
+          steps; the tiny model: 4 x 1, length-grouped); on GPUs bf16 and activation
+          checkpointing. Given the same learning rate, one epoch, the same max_length and seed,
+          no checkpoints (save_strategy "no", like the TRL run) and no evaluation during
+          training.
 
 Both load the model with sftlab's own loader (`sftlab.model.load_tokenizer` / `load_model`), so
 they start from identical weights.
@@ -526,6 +529,7 @@ def worker(kind: str, spec: dict) -> dict:
         "settings": {"packing": bool(args.packing), "padding_free": bool(getattr(trainer, "padding_free", False)),
                      "bf16": bool(args.bf16), "activation_checkpointing": bool(args.gradient_checkpointing),
                      "assistant_only_loss": kind == "sftlab", "per_device_train_batch_size": args.per_device_train_batch_size,
+                     "gradient_accumulation_steps": args.gradient_accumulation_steps,
                      "sampling": str(getattr(args, "train_sampling_strategy", None)
                                      or ("group_by_length" if getattr(args, "group_by_length", False) else "random")),
                      "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
@@ -662,7 +666,7 @@ def summarize(args, info: dict, data: dict, trl_r: dict, sft_r: dict, seconds: f
         return f"{x:,.0f} MB"
 
     def row(label, fn):
-        return f"  {label:<34}{fn(trl_r):>18}{fn(sft_r):>18}"
+        return f"  {label:<34}{fn(trl_r):>22}{fn(sft_r):>22}"
 
     def onoff(flag):
         return "on" if flag else "off"
@@ -693,11 +697,13 @@ def summarize(args, info: dict, data: dict, trl_r: dict, sft_r: dict, seconds: f
         f"max_length {data['max_length']}; memory = {memory_kind}",
         *([f"sftlab --set: {', '.join(args.sftlab_set)} (not sftlab's defaults)"] if args.sftlab_set else []),
         "",
-        f"  {'':<34}{'TRL (chapter)':>18}{'sftlab default' if not args.sftlab_set else 'sftlab --set':>18}",
+        f"  {'':<34}{'TRL (chapter)':>22}{'sftlab default' if not args.sftlab_set else 'sftlab --set':>22}",
         row("packing / padding-free", lambda r: f"{onoff(r['settings']['packing'])} / {onoff(r['settings']['padding_free'])}"),
         row("precision / param dtype", lambda r: f"{'bf16 autocast' if r['settings']['bf16'] else 'fp32'} / "
-            f"{r['settings']['param_dtype'].replace('torch.', '')}"),
+            f"{r['settings']['param_dtype'].replace('torch.', '').replace('float32', 'fp32')}"),
         row("activation checkpointing", lambda r: onoff(r["settings"]["activation_checkpointing"])),
+        row("micro-batch x accumulation", lambda r: f"{r['settings']['per_device_train_batch_size']} x "
+            f"{r['settings'].get('gradient_accumulation_steps', 1)}"),
         row("batches", lambda r: r["settings"].get("sampling", "?")),
         row("loss on", lambda r: "assistant" if r["settings"]["assistant_only_loss"] else "all tokens"),
         row("warmup steps / attention", lambda r: f"{r['settings']['warmup_steps']:g} / {r['settings']['attn_implementation']}"),
@@ -723,7 +729,7 @@ def summarize(args, info: dict, data: dict, trl_r: dict, sft_r: dict, seconds: f
         row("eval loss (assistant tokens)", lambda r: f"{r['eval_loss']:.4f}"),
     ]
     if "base" in trl_r:
-        lines.append(f"  {'eval loss before training':<34}{trl_r['base']['eval_loss']:>18.4f}{'(same model)':>18}")
+        lines.append(f"  {'eval loss before training':<34}{trl_r['base']['eval_loss']:>22.4f}{'(same model)':>22}")
     lines += [
         f"  eval tokens: {trl_r['eval_tokens']:,} assistant tokens in {data['eval']['examples']} held-out conversations",
         "",

@@ -2,8 +2,7 @@
 
     python scripts/screenshot_report.py RUN_DIR [--output report.png] [--width 1280] [--height 4000]
 
-docs/report-screenshot.png is `sftlab demo --set eval.num_prompts=24` with an eval.format
-(json_schema), shot with this script.
+docs/report-screenshot.png is the report of a `sftlab demo` run, shot with this script.
 
 Rebuilds the report first (`sftlab report RUN_DIR`) unless --no-rebuild is given. Chromium
 runs with networking off (an unreachable proxy): the page must render offline, so a plot

@@ -223,3 +223,14 @@ def test_empty_override_keys_are_config_errors(tmp_path):
     for override in ("=1", "training..max_steps=3", ".x=1"):
         with pytest.raises(ConfigError, match="empty key name"):
             load_config(path, [override])
+
+
+@pytest.mark.parametrize("name", ["chapter_deepseek_smoltalk.yaml", "chapter_deepseek_smoltalk_lora.yaml"])
+def test_the_chapters_own_setup_ships_as_example_configs(name):
+    cfg = load_config(Path(__file__).resolve().parent.parent / "examples" / name)
+    assert cfg.model.name_or_path == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    assert cfg.data.train.path == "HuggingFaceTB/smoltalk" and cfg.data.train.name == "all"
+    chapter = {"max_steps": 1000, "per_device_train_batch_size": 4, "logging_steps": 10, "save_steps": 100,
+               "eval_steps": 50, "eval_strategy": "steps"}
+    assert {key: cfg.training[key] for key in chapter} == chapter
+    assert cfg.training["learning_rate"] == (2e-4 if cfg.lora else 5e-5) and not cfg.batch_is_default
