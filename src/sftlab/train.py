@@ -1,7 +1,8 @@
 """Train: one supervised fine-tune with TRL's SFTTrainer, read top to bottom.
 
-    config -> run directory -> tokenizer -> data -> SFTConfig -> model -> SFTTrainer
-           -> train (or resume) -> final/ (model or LoRA adapter + tokenizer)
+    config -> run directory -> tokenizer -> data -> model -> SFTConfig -> SFTTrainer
+           -> evaluate the base model -> train (or resume) -> final/ (model or LoRA
+           adapter + tokenizer) -> evaluate the tuned model -> report
 
 TRL does the training and the distribution across processes; this file only decides
 what goes in and where it is written. The data arrives already tokenized with its
@@ -12,9 +13,11 @@ Trade-offs:
 - A run directory that exists is never reused without `--resume` or replaced without
   `--overwrite`, and `--overwrite` only ever deletes a directory sftlab made.
 - On CPU, activation (gradient) checkpointing is off by default (TRL turns it on): the
-  batch goes through one conversation at a time with gradient accumulation (see
-  config.default_batch_shape), which keeps activations small without paying ~30% for
-  recomputation. bf16 autocast where the CPU computes in bf16 natively, as TRL does.
+  default batch goes through in micro-batches fitted to memory, with gradient
+  accumulation (fit_batch_to_memory), which keeps activations small without paying ~30%
+  for recomputation. bf16 autocast where the CPU computes in bf16 natively, as TRL does.
+- Before the first step, what would fail late is checked (preflight): a writable run
+  directory with room for the checkpoints, and cadences that fire.
 """
 
 from __future__ import annotations
