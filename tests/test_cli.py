@@ -113,3 +113,25 @@ def test_diagnose_reads_a_plain_trl_run_and_an_sftlab_run(tmp_path, tiny_model, 
     run = json.loads(sftlab("diagnose", tmp_path / "run", "--json").stdout)
     assert run["phase"] and isinstance(run["findings"], list)
     assert_one_clean_error(sftlab("diagnose", tmp_path / "nothing-here"), "nothing-here")
+
+
+def test_out_of_memory_in_any_command_is_one_message_and_exit_2(monkeypatch, capsys):
+    import sftlab.cli
+
+    def out_of_memory():
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes")
+
+    monkeypatch.setattr(sftlab.cli, "app", out_of_memory)
+    monkeypatch.setattr(sys, "argv", ["sftlab", "eval", "runs/x"])
+    with pytest.raises(SystemExit) as exited:
+        sftlab.cli.main()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: out of memory" in err and "hint:" in err and "Traceback" not in err
+
+    def other_error():
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(sftlab.cli, "app", other_error)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        sftlab.cli.main()

@@ -254,6 +254,17 @@ def test_out_of_memory_becomes_a_user_error_with_the_four_remedies(error):
     assert "max_length: 512" in hint and "activation_checkpointing: true" in hint and "`lora:`" in hint
 
 
+def test_out_of_memory_in_evaluation_names_the_evaluation_settings(tiny_config):
+    from sftlab.config import load_config
+    from sftlab.train import evaluation_out_of_memory_hint
+
+    hint = evaluation_out_of_memory_hint(load_config(tiny_config))
+    with pytest.raises(UserError, match="out of memory during evaluation") as caught:
+        with _out_of_memory_as_user_error(during="evaluation", hint=hint):
+            raise MemoryError()
+    assert "eval.generation_batch_size (now 32)" in caught.value.hint and "eval.baseline: false" in caught.value.hint
+
+
 def test_other_errors_pass_through_untouched():
     with pytest.raises(RuntimeError, match="shape mismatch"):
         with _out_of_memory_as_user_error():

@@ -308,6 +308,15 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except (MemoryError, RuntimeError) as error:  # out of memory outside the steps train() translates itself
+        from sftlab.train import is_out_of_memory
+
+        if debug or not is_out_of_memory(error):
+            raise
+        print(f"error: out of memory ({type(error).__name__})", file=sys.stderr)
+        print("hint: free memory (close other programs), use a smaller model, or lower the batch sizes "
+              "(training.per_device_train_batch_size, eval.generation_batch_size)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
     refuse_evaluation_without_eval_data(cfg, has_eval=data.eval is not None)
 
     # 4. Model, grown to the tokenizer if a default chat template added tokens.
-    model = load_model(cfg.model, tokenizer)
+    with _out_of_memory_as_user_error(during="model loading", hint="a smaller model, or model.dtype: bfloat16"):
+        model = load_model(cfg.model, tokenizer)
 
     # 5. SFTConfig from the `training` section, validated by TRL itself, with the default batch
     #    fed in micro-batches that fit in memory on a CPU. Packing is refused unless this model
@@ -133,7 +134,8 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
     #     eval/before.json (once: a resumed run keeps it). The main process evaluates.
     held_out = held_out_set(cfg, tokenizer, data) if processes.is_main_process else None
     if processes.is_main_process:
-        evaluate_before_training(run_dir, trainer.model, tokenizer, cfg, held_out, console)
+        with _out_of_memory_as_user_error(during="evaluation", hint=evaluation_out_of_memory_hint(cfg)):
+            evaluate_before_training(run_dir, trainer.model, tokenizer, cfg, held_out, console)
 
     # 7. Train, or resume from the latest complete checkpoint with each step logged once.
     if checkpoint is not None and processes.is_main_process:
@@ -162,7 +164,8 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
     if processes.is_main_process:
         in_memory = trainer.model if source is None and processes.num_processes == 1 else None
         step = checkpoint_step(source) if source is not None else trainer.state.global_step
-        evaluate_after_training(run_dir, in_memory, tokenizer, cfg, held_out, step, console)
+        with _out_of_memory_as_user_error(during="evaluation", hint=evaluation_out_of_memory_hint(cfg)):
+            evaluate_after_training(run_dir, in_memory, tokenizer, cfg, held_out, step, console)
 
     # 10. The run documents itself: final/README.md (model card) and report.html, from the run directory.
     if processes.is_main_process:
@@ -608,11 +611,18 @@ def _gigabytes(size: int) -> str:
     return f"{size / 1e9:.2f} GB" if size >= 1e7 else f"{size / 1e6:.2f} MB"
 
 
-class _out_of_memory_as_user_error:
-    """Out of memory (GPU or host) during training becomes a UserError with concrete next steps."""
+def evaluation_out_of_memory_hint(cfg: SftlabConfig) -> str:
+    return (f"lower eval.generation_batch_size (now {cfg.eval.generation_batch_size}), eval.num_prompts "
+            f"(now {cfg.eval.num_prompts}) or eval.max_new_tokens (now {cfg.eval.max_new_tokens}); "
+            "eval.baseline: false skips the base model")
 
-    def __init__(self, args=None):
-        self.args = args
+
+class _out_of_memory_as_user_error:
+    """Out of memory (GPU or host) becomes a UserError with concrete next steps: during training,
+    the training remedies (out_of_memory_hint); elsewhere, the hint given."""
+
+    def __init__(self, args=None, during: str = "training", hint: str | None = None):
+        self.args, self.during, self.hint = args, during, hint
 
     def __enter__(self):
         return self
@@ -620,6 +630,6 @@ class _out_of_memory_as_user_error:
     def __exit__(self, exc_type, exc, tb):
         if is_out_of_memory(exc):
             detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no details"
-            raise UserError(f"out of memory during training ({type(exc).__name__}: {detail})",
-                            hint=out_of_memory_hint(self.args)) from exc
+            raise UserError(f"out of memory during {self.during} ({type(exc).__name__}: {detail})",
+                            hint=self.hint or out_of_memory_hint(self.args)) from exc
         return False
