@@ -18,11 +18,9 @@ import sys
 from pathlib import Path
 from typing import Iterable, TextIO
 
-from sftlab.config import CONFIG_FILE, ModelConfig, load_config
 from sftlab.data import render
-from sftlab.errors import UserError
-from sftlab.evaluate import has_model, load_final_model
-from sftlab.model import FINAL_DIR, add_default_chat_template, load_tokenizer
+from sftlab.evaluate import load_final_model, open_finished_run
+from sftlab.model import FINAL_DIR
 from sftlab.monitor import stop_token_ids
 
 COMMANDS = "/reset starts over, /exit (or Ctrl-D) ends"
@@ -30,17 +28,7 @@ COMMANDS = "/reset starts over, /exit (or Ctrl-D) ends"
 
 def load_tuned(run_dir: Path):
     """The run's final model and the tokenizer it trained with (its chat template included)."""
-    run_dir = Path(run_dir)
-    final_dir = run_dir / FINAL_DIR
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise UserError(f"{run_dir} is not an sftlab run directory: it has no {CONFIG_FILE}",
-                        hint="pass the training.output_dir of a run made by `sftlab train` or `sftlab demo`")
-    if not has_model(final_dir):
-        raise UserError(f"no final model in {final_dir}: the run has not finished",
-                        hint="continue it with `sftlab train CONFIG --resume`")
-    cfg = load_config(run_dir / CONFIG_FILE)
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(final_dir), trust_remote_code=cfg.model.trust_remote_code))
-    add_default_chat_template(tokenizer)
+    cfg, final_dir, tokenizer = open_finished_run(run_dir)
     model = load_final_model(final_dir, cfg.model, tokenizer)
     model.eval()
     return model, tokenizer

@@ -310,6 +310,14 @@ def resolve_defaults(cfg: SftlabConfig, config_path: Path | None = None) -> Sftl
     return resolved
 
 
+def settings_needing_eval_data(cfg: SftlabConfig, training: dict[str, Any]) -> list[str]:
+    """The settings that only work with evaluation, named as the config spells them."""
+    wanted = [f"training.{key}" for key in ("load_best_model_at_end", "metric_for_best_model") if training.get(key)]
+    if "overfitting" in cfg.monitor.stop_on:
+        wanted.append("monitor.stop_on: overfitting")
+    return wanted
+
+
 def refuse_inconsistent_training(cfg: SftlabConfig, training: dict[str, Any]) -> None:
     """Settings that would fail only after the data is prepared, or silently do nothing.
 
@@ -321,11 +329,9 @@ def refuse_inconsistent_training(cfg: SftlabConfig, training: dict[str, Any]) ->
         raise ConfigError(f"training.output_dir must name a directory (got {output_dir!r})",
                           hint="for example output_dir: runs/my-run")
     if cfg.data.eval is None and cfg.data.eval_split == 0:
-        wanted = [f"training.{key}" for key in ("load_best_model_at_end", "metric_for_best_model") if training.get(key)]
+        wanted = settings_needing_eval_data(cfg, training)
         if cfg.training.get("eval_strategy", "no") != "no":  # asked for by the user, not a default
             wanted.append(f"training.eval_strategy: {cfg.training['eval_strategy']}")
-        if "overfitting" in cfg.monitor.stop_on:
-            wanted.append("monitor.stop_on: overfitting")
         if wanted:
             raise ConfigError(f"{', '.join(wanted)} needs eval data, but data.eval is not set and data.eval_split is 0",
                               hint="set data.eval, or data.eval_split (e.g. 0.05), or remove " + ", ".join(wanted))

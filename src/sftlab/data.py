@@ -714,6 +714,13 @@ class PreparedData:
     audit: dict[str, Any]
 
 
+def preparation_settings(training: dict[str, Any]) -> dict[str, Any]:
+    """What a run's `training` section decides about its data: the loss masks, the seed of the
+    eval split and the mixing, the cut. Training and evaluation prepare data with the same."""
+    return {"assistant_only_loss": bool(training.get("assistant_only_loss", True)), "seed": training.get("seed", 42),
+            "max_length": training.get("max_length")}
+
+
 def prepare_data(cfg: DataConfig, tokenizer, assistant_only_loss: bool = True, seed: int = 42,
                  max_length: int | None = None, cache_dir: Path | None = None) -> PreparedData:
     """Load, audit, split and tokenize train and eval data. Raises DataError when training cannot go ahead."""

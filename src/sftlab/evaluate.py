@@ -65,10 +65,10 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.config import CONFIG_FILE, DataConfig, EvalConfig, ModelConfig, SftlabConfig, load_config
-from sftlab.data import BadRow, PreparedData, prepare_data, render, render_example
+from sftlab.data import BadRow, PreparedData, preparation_settings, prepare_data, render, render_example
 from sftlab.errors import DataError, ModelError, UserError
 from sftlab.model import FINAL_DIR, add_default_chat_template, load_model, load_tokenizer
-from sftlab.monitor import follows_format, generate, generation_prompts, read_jsonl, stop_token_ids
+from sftlab.monitor import follows_format, generate, generation_prompts, read_jsonl, stop_token_ids, write_atomically
 
 EVAL_DIR = "eval"
 BEFORE_FILE = "before.json"
@@ -178,9 +178,7 @@ def retention_data(cfg: SftlabConfig, tokenizer):
         return None, None
     path, source = (RETENTION_DATA, RETENTION_BUILTIN) if setting is None else (Path(setting).expanduser(), setting)
     try:
-        prepared = prepare_data(DataConfig(train=str(path), eval_split=0), tokenizer,
-                                assistant_only_loss=bool(cfg.training.get("assistant_only_loss", True)),
-                                seed=cfg.training.get("seed", 42), max_length=cfg.training.get("max_length"))
+        prepared = prepare_data(DataConfig(train=str(path), eval_split=0), tokenizer, **preparation_settings(cfg.training))
     except DataError as error:
         raise DataError(f"eval.retention: {error.message}",
                         hint=error.hint or "eval.retention takes a data file like data.train, null (the shipped set) or false") from None
@@ -503,24 +501,31 @@ def evaluate_after_training(run_dir: Path, model, tokenizer, cfg: SftlabConfig, 
     return after.summary
 
 
-def evaluate_run(run_dir: Path, baseline: bool | None = None, overrides: list[str] = (), console=None) -> dict:
-    """`sftlab eval RUN_DIR`: evaluate final/ again (after.json), and the base model when before.json is missing."""
+def open_finished_run(run_dir: Path, overrides: list[str] = ()):
+    """A finished run's resolved config, its final/ directory, and the tokenizer it trained with
+    (chat template included, saved with the final model). UserError when the run has no final/."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}", hint="pass the training.output_dir of a run")
     if not (run_dir / CONFIG_FILE).exists():
         raise UserError(f"{run_dir} is not an sftlab run directory: it has no {CONFIG_FILE}",
-                        hint="pass a directory written by `sftlab train`, or use --model PATH --config CONFIG")
+                        hint="pass a directory written by `sftlab train` or `sftlab demo`")
     final_dir = run_dir / FINAL_DIR
     if not has_model(final_dir):
         raise UserError(f"no final model in {final_dir}: the run has not finished",
                         hint="continue it with `sftlab train CONFIG --resume`, or evaluate a checkpoint with "
                         f"`sftlab eval --model {run_dir}/checkpoint-N --config {run_dir / CONFIG_FILE}`")
     cfg = load_config(run_dir / CONFIG_FILE, list(overrides))
-    console = console or _console()
-    # The tokenizer the run trained with (chat template included) is saved with the final model.
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(final_dir), trust_remote_code=cfg.model.trust_remote_code))
     add_default_chat_template(tokenizer)
+    return cfg, final_dir, tokenizer
+
+
+def evaluate_run(run_dir: Path, baseline: bool | None = None, overrides: list[str] = (), console=None) -> dict:
+    """`sftlab eval RUN_DIR`: evaluate final/ again (after.json), and the base model when before.json is missing."""
+    run_dir = Path(run_dir)
+    cfg, final_dir, tokenizer = open_finished_run(run_dir, overrides)
+    console = console or _console()
     held_out = _require_held_out(cfg, tokenizer, run_dir / CONFIG_FILE)
     if (baseline if baseline is not None else cfg.eval.baseline) and not (run_dir / EVAL_DIR / BEFORE_FILE).exists():
         _evaluate_base(run_dir, load_model(cfg.model, tokenizer), tokenizer, cfg, held_out, console)
@@ -570,8 +575,7 @@ def evaluate_model_path(model_path: str | None, config_path: Path, baseline: boo
 
 
 def _require_held_out(cfg: SftlabConfig, tokenizer, config_path: Path) -> HeldOut:
-    data = prepare_data(cfg.data, tokenizer, assistant_only_loss=bool(cfg.training.get("assistant_only_loss", True)),
-                        seed=cfg.training.get("seed", 42), max_length=cfg.training.get("max_length"))  # as training prepares it
+    data = prepare_data(cfg.data, tokenizer, **preparation_settings(cfg.training))  # as training prepares it
     held_out = held_out_set(cfg, tokenizer, data)
     if held_out is None:
         raise DataError(f"{config_path}: no eval data to evaluate on", hint="set data.eval, or data.eval_split above 0")
@@ -634,16 +638,12 @@ def write_evaluation(eval_dir: Path, held_out: HeldOut, before: Evaluation | Non
         if evaluation is not None:
             _write_json(eval_dir / name, evaluation.summary)
     rows = samples_rows(held_out, before.answers if before else kept["base"], after.answers if after else kept["tuned"])
-    temporary = eval_dir / (SAMPLES_FILE + ".tmp")
-    temporary.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    temporary.replace(eval_dir / SAMPLES_FILE)
+    write_atomically(eval_dir / SAMPLES_FILE, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return rows
 
 
 def _write_json(path: Path, value: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2, ensure_ascii=False), encoding="utf-8")
-    temporary.replace(path)
+    write_atomically(path, json.dumps(value, indent=2, ensure_ascii=False))
 
 
 def _read_json(path: Path) -> dict | None:

@@ -82,6 +82,13 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a kill leaves the old file or the new one, never half of one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
 def trim_metrics(path: Path, last_step: int) -> None:
     """Drop records logged after `last_step`, so a resumed run logs each step once.
 
@@ -92,9 +99,7 @@ def trim_metrics(path: Path, last_step: int) -> None:
         kept = [record for record in read_jsonl(file)
                 if record.get("step", 0) <= last_step and "train_runtime" not in record]
         if file.exists():
-            temporary = file.with_name(file.name + ".tmp")
-            temporary.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
-            os.replace(temporary, file)
+            write_atomically(file, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def _finite(value):

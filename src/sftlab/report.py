@@ -59,7 +59,7 @@ from sftlab.diagnose import (
 from sftlab.errors import UserError
 from sftlab.evaluate import AFTER_FILE, BEFORE_FILE, EVAL_DIR, SAMPLES_FILE
 from sftlab.model import FINAL_DIR
-from sftlab.monitor import DIAGNOSIS_FILE, PLOTS, STOPPED_FILE, read_jsonl
+from sftlab.monitor import DIAGNOSIS_FILE, PLOTS, STOPPED_FILE, read_jsonl, write_atomically
 
 __all__ = ["write_report", "write_run_info", "write_audit", "read_run", "model_card", "render_html", "Run", "Status",
            "ReportResult"]
@@ -1068,10 +1068,8 @@ def write_report(run_dir: str | Path) -> ReportResult:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
     try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
+        write_atomically(path, text)
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror or error}",
                         hint="check the permissions and free space of the run directory") from None

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -32,8 +31,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from sftlab.config import CONFIG_FILE, SftlabConfig
-from sftlab.data import prepare_data
+from sftlab.config import CONFIG_FILE, SftlabConfig, settings_needing_eval_data
+from sftlab.data import preparation_settings, prepare_data
 from sftlab.errors import ConfigError, DataError, UserError
 from sftlab.evaluate import evaluate_after_training, evaluate_before_training, held_out_set
 from sftlab.model import (
@@ -41,7 +40,7 @@ from sftlab.model import (
 )
 from sftlab.monitor import (
     METRICS_FILE, STOPPED_FILE, LiveDiagnosis, MetricsLogger, NonFiniteGuard, OutputSampler, ProgressBar, read_stop,
-    trim_metrics,
+    trim_metrics, write_atomically,
 )
 from sftlab.report import write_audit, write_report, write_run_info
 
@@ -191,10 +190,7 @@ def tokenizer_and_data(cfg: SftlabConfig):
     # The tokenizer comes first: data is tokenized with the model's own chat template.
     tokenizer = load_tokenizer(cfg.model)
     add_default_chat_template(tokenizer)
-    assistant_only_loss = bool(cfg.training.get("assistant_only_loss", True))
-    data = prepare_data(cfg.data, tokenizer, assistant_only_loss=assistant_only_loss, seed=cfg.training["seed"],
-                        max_length=cfg.training.get("max_length"))
-    return tokenizer, data
+    return tokenizer, prepare_data(cfg.data, tokenizer, **preparation_settings(cfg.training))
 
 
 def refuse_if_not_trainable(audit: dict) -> None:
@@ -207,9 +203,7 @@ def refuse_evaluation_without_eval_data(cfg: SftlabConfig, has_eval: bool) -> No
     dataset's eval_split can round to none); plain eval_strategy is simply turned off."""
     if has_eval:
         return
-    wanted = [f"training.{key}" for key in ("load_best_model_at_end", "metric_for_best_model") if cfg.training.get(key)]
-    if "overfitting" in cfg.monitor.stop_on:
-        wanted.append("monitor.stop_on: overfitting")
+    wanted = settings_needing_eval_data(cfg, cfg.training)
     if wanted:
         raise ConfigError(f"{', '.join(wanted)} needs eval data, but the data has no eval rows",
                           hint="set data.eval, or a data.eval_split that leaves at least one row (see `sftlab check`)")
@@ -456,9 +450,7 @@ def best_checkpoint(run_dir: Path, log_history: list[dict]) -> dict | None:
 
 
 def _write_json_atomically(path: Path, value: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value), encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps(value))
 
 
 def training_plan(trainer, audit: dict) -> dict:
