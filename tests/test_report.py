@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import chat_rows, write_config, write_jsonl
@@ -226,6 +226,7 @@ def test_data_and_generations_cannot_inject_html_markdown_or_yaml(tmp_path):
                                       "name_or_path", "training", "data", "lora", "monitor", "eval", "phase", "code",
                                       "advice", "steps"]) | st.text(max_size=5),
                      inner, max_size=4), max_leaves=12)), st.booleans())
+@example({"eval/audit.json": {"examples": True}}, True)  # found on a fresh clone: report.py iterated a bool
 def test_any_content_in_any_file_gives_a_report_not_a_crash(tmp_path_factory, contents, with_metrics):
     run = make_run(tmp_path_factory.mktemp("fuzz"), steps=12)
     if not with_metrics:  # then diagnosis.json is read instead of recomputed

@@ -290,6 +290,12 @@ def _get(mapping, *keys):
     return mapping
 
 
+def _list(mapping, *keys) -> list:
+    """mapping[k1][k2]... when it is a list, else []: files may hold anything."""
+    value = _get(mapping, *keys)
+    return value if isinstance(value, list) else []
+
+
 def _num(mapping, *keys) -> float | None:
     value = _get(mapping, *keys)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -1006,11 +1012,11 @@ def _audit_view(audit: dict | None) -> dict | None:
     formats = _get(audit, "formats") if isinstance(_get(audit, "formats"), dict) else {}
     lengths = [(part, [fmt(_num(audit, "lengths", part, key)) for key in ("min", "median", "p95", "max", "mean")])
                for part in ("prompt", "response", "total")]
-    problems = [p for p in _get(audit, "problems") or [] if isinstance(p, dict)]
-    duplicates = [d for d in _get(audit, "duplicates", "examples") or [] if isinstance(d, dict)]
+    problems = [p for p in _list(audit, "problems") if isinstance(p, dict)]
+    duplicates = [d for d in _list(audit, "duplicates", "examples") if isinstance(d, dict)]
     examples = []
-    for example in _get(audit, "examples") or []:
-        segments = [s for s in _get(example, "segments") or [] if isinstance(s, dict)]
+    for example in _list(audit, "examples"):
+        segments = [s for s in _list(example, "segments") if isinstance(s, dict)]
         if segments:
             examples.append({"where": f"{_get(example, 'source')}:{_get(example, 'line')}",
                              "segments": [(str(s.get("text", "")), bool(s.get("trained"))) for s in segments]})
@@ -1036,7 +1042,7 @@ def _audit_view(audit: dict | None) -> dict | None:
         "trained_tokens_cut": fmt(_num(audit, "truncation", "trained_tokens_cut"), "int"),
         "trained_tokens": fmt(_num(audit, "trained_tokens"), "int"),
         "trained_share": fmt(_num(audit, "trained_token_share"), "share"),
-        "warnings": [str(w) for w in _get(audit, "warnings") or []] if isinstance(_get(audit, "warnings"), list) else [],
+        "warnings": [str(w) for w in _list(audit, "warnings")],
         "examples": examples,
     }
 
