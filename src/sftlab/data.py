@@ -58,7 +58,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 FILE_SUFFIXES = {".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet"}
 EVAL_SPLIT_NAMES = ("test", "validation", "valid", "eval", "dev")
 SENTINEL = "\uE000sftlab-response\uE001"  # private-use characters: no template or text contains them
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
+TRAIN_SAMPLE_SIZE = 64  # training examples kept as Examples: few-shot prompts for the prompted baseline (evaluate.py)
 MAX_PROMPT_OVERLAP = 256  # generation prompts end with short markers; longer overlaps are coincidence
 
 
@@ -712,6 +713,8 @@ class PreparedData:
     eval: Any | None
     eval_examples: list[Example]
     audit: dict[str, Any]
+    # A seeded sample of normalized training examples (never eval rows), in the order drawn.
+    train_sample: list[Example] = field(default_factory=list)
 
 
 def preparation_settings(training: dict[str, Any]) -> dict[str, Any]:
@@ -793,6 +796,7 @@ def _prepare(cfg: DataConfig, tokenizer, assistant_only_loss: bool, seed: int, m
         train_examples += _weighted(examples, source.weight, rng)
     if not train_examples:
         raise DataError("no usable training rows", hint=_why_empty(collector))
+    train_sample = random.Random(seed).sample(train_examples, min(TRAIN_SAMPLE_SIZE, len(train_examples)))
 
     # 5. Render with the chat template and tokenize: exactly what the trainer receives.
     train_ids, train_masks, train_shown = _tokenize_examples(tokenizer, train_examples, collector)
@@ -811,6 +815,7 @@ def _prepare(cfg: DataConfig, tokenizer, assistant_only_loss: bool, seed: int, m
         eval=_dataset(eval_ids, eval_trained) if eval_ids else None,
         eval_examples=eval_examples,
         audit=audit,
+        train_sample=train_sample,
     )
 
 
@@ -1064,8 +1069,9 @@ def _save_cached(directory: Path, prepared: PreparedData) -> None:
         prepared.train.save_to_disk(str(partial / "train"))
         if prepared.eval is not None:
             prepared.eval.save_to_disk(str(partial / "eval"))
-        (partial / "eval_examples.jsonl").write_text(
-            "".join(json.dumps(asdict(example), default=str) + "\n" for example in prepared.eval_examples), encoding="utf-8")
+        for name, examples in (("eval_examples.jsonl", prepared.eval_examples), ("train_sample.jsonl", prepared.train_sample)):
+            (partial / name).write_text(
+                "".join(json.dumps(asdict(example), default=str) + "\n" for example in examples), encoding="utf-8")
         (partial / "audit.json").write_text(json.dumps(prepared.audit), encoding="utf-8")
         partial.rename(directory)  # complete or absent: a killed run never leaves half an entry
     except OSError:
@@ -1080,9 +1086,10 @@ def _load_cached(directory: Path) -> PreparedData | None:
     try:
         train = datasets.load_from_disk(str(directory / "train"))
         evaluation = datasets.load_from_disk(str(directory / "eval")) if (directory / "eval").exists() else None
-        examples = [Example(**json.loads(line)) for line in (directory / "eval_examples.jsonl").read_text(encoding="utf-8").splitlines()]
+        examples, sample = ([Example(**json.loads(line)) for line in (directory / name).read_text(encoding="utf-8").splitlines()]
+                            for name in ("eval_examples.jsonl", "train_sample.jsonl"))
         audit = json.loads((directory / "audit.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError):
         return None
     audit["cached"] = True
-    return PreparedData(train=train, eval=evaluation, eval_examples=examples, audit=audit)
+    return PreparedData(train=train, eval=evaluation, eval_examples=examples, audit=audit, train_sample=sample)
