@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -132,3 +133,21 @@ training:
   save_steps: 3
   max_length: 128
 """)
+
+
+def sftlab_in_process(*args) -> tuple[int, str, str]:
+    """The CLI's main() in this process (no interpreter start-up): exit code, stdout, stderr."""
+    import contextlib
+    import io
+
+    from sftlab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv
+    sys.argv = ["sftlab", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit:
+            main()
+    finally:
+        sys.argv = saved
+    return exit.value.code or 0, out.getvalue(), err.getvalue()

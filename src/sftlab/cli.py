@@ -93,9 +93,12 @@ def demo(
     from sftlab.demo import DEMO_CONFIG, run_demo
     from sftlab.report import REPORT_FILE
 
-    print(f"sftlab demo: teach the embedded SmolLM2-135M-Instruct a strict JSON answer format ({DEMO_CONFIG})")
+    print(f"sftlab demo: teach the embedded SmolLM2-135M-Instruct the house person record, strict JSON ({DEMO_CONFIG})")
     result = run_demo(output, overrides=set_ or [], overwrite=overwrite, show_audit=_print_audit)
     _print_result(result)
+    verdict = _read_verdict(result.run_dir)
+    if verdict:
+        print(f"verdict: {verdict}")
     report = result.run_dir / REPORT_FILE
     if report.exists():
         print(f"report: {report}\ntalk to the tuned model: sftlab chat {result.run_dir}")
@@ -128,11 +131,18 @@ def eval_(
                         "default off).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", help="With --config: write before.json, after.json and "
                                                    "samples.jsonl into this directory (default: print only).")] = None,
+    require: Annotated[Optional[str], typer.Option("--require", help="Exit 1 unless the verdict is this one "
+                       "(worked, prompting_suffices, no_gain, regressed): a gate for pipelines.")] = None,
     set_: SetOption = None,
 ):
     """Held-out evaluation: loss, chat and format adherence, agreement with references, diversity,
-    memorization and retention, base model against tuned, with samples side by side."""
+    memorization and retention, for the base, prompted base and tuned model, with samples side by side,
+    and the verdict: did the fine-tune work, better than prompting?"""
     from sftlab.errors import UserError
+    from sftlab.verdict import VERDICTS
+
+    if require is not None and require not in VERDICTS:
+        raise UserError(f"--require {require}: not a verdict", hint=f"one of {', '.join(VERDICTS)}")
 
     if run_dir is not None and (model is not None or config is not None or output is not None):
         raise UserError("give a run directory, or --model/--config, not both",
@@ -143,15 +153,20 @@ def eval_(
     from sftlab.evaluate import AFTER_FILE, EVAL_DIR, evaluate_model_path, evaluate_run
 
     if run_dir is not None:
-        evaluate_run(run_dir, baseline=baseline, overrides=set_ or [])
+        result = evaluate_run(run_dir, baseline=baseline, overrides=set_ or [])
         from sftlab.report import write_report  # the report shows the evaluation: rebuild it
 
         report = write_report(run_dir)
-        print(f"wrote {run_dir / EVAL_DIR}/ ({AFTER_FILE}, samples.jsonl) and {report.html}")
-        return
-    evaluate_model_path(model, config, baseline=bool(baseline), output=output, overrides=set_ or [])
-    if output is not None:
-        print(f"wrote {output}/")
+        print(f"wrote {run_dir / EVAL_DIR}/ ({AFTER_FILE}, samples.jsonl, verdict.json) and {report.html}")
+    else:
+        result = evaluate_model_path(model, config, baseline=bool(baseline), output=output, overrides=set_ or [])
+        if output is not None:
+            print(f"wrote {output}/")
+    if require is not None:
+        verdict = result.verdict.verdict if result is not None and result.verdict is not None else "unknown"
+        if verdict != require:
+            print(f"required verdict {require}, got {verdict}", file=sys.stderr)
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -197,6 +212,15 @@ def _configured_memorization_loss(path: Path) -> float:
         if isinstance(monitor.get("memorization_loss"), (int, float)):
             return float(monitor["memorization_loss"])
     return MonitorConfig().memorization_loss
+
+
+def _read_verdict(run_dir: Path) -> str | None:
+    from sftlab.evaluate import EVAL_DIR, VERDICT_FILE
+
+    try:
+        return json.loads((run_dir / EVAL_DIR / VERDICT_FILE).read_text(encoding="utf-8"))["headline"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _print_result(result) -> None:

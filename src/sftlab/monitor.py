@@ -309,6 +309,20 @@ class LiveDiagnosis(TrainerCallback):
         return diagnosis
 
 
+class LiveReport(TrainerCallback):
+    """report.html at each evaluation (after the diagnosis and plots are refreshed), so a browser shows
+    curves, findings and samples while the run goes on. `write(run_dir, live=True)` writes it: the
+    report stage's own function, handed in by train.py."""
+
+    def __init__(self, run_dir: Path, write):
+        self.run_dir = Path(run_dir)
+        self.write = write
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.write(self.run_dir, live=True)
+
+
 def record_stop(run_dir: Path, reason: str, step: int, evidence: str) -> None:
     path = Path(run_dir) / STOPPED_FILE
     if not path.exists():  # the first reason is the one that stopped the run

@@ -1,8 +1,8 @@
 """Train: one supervised fine-tune with TRL's SFTTrainer, read top to bottom.
 
     config -> run directory -> tokenizer -> data -> model -> SFTConfig -> SFTTrainer
-           -> evaluate the base model -> train (or resume) -> final/ (model or LoRA
-           adapter + tokenizer) -> evaluate the tuned model -> report
+           -> evaluate the base model, plain and prompted -> train (or resume) -> final/
+           (model or LoRA adapter + tokenizer) -> evaluate the tuned model -> verdict -> report
 
 TRL does the training and the distribution across processes; this file only decides
 what goes in and where it is written. The data arrives already tokenized with its
@@ -35,11 +35,12 @@ from sftlab.config import CONFIG_FILE, SftlabConfig, settings_needing_eval_data
 from sftlab.data import preparation_settings, prepare_data
 from sftlab.errors import ConfigError, DataError, UserError
 from sftlab.evaluate import evaluate_after_training, evaluate_before_training, held_out_set
+from sftlab.metrics import load_user_metrics
 from sftlab.model import (
     FINAL_DIR, activation_bytes_per_token, add_default_chat_template, load_model, training_state_bytes, load_tokenizer, packing_contamination, packing_tolerance, peft_config,
 )
 from sftlab.monitor import (
-    METRICS_FILE, STOPPED_FILE, LiveDiagnosis, MetricsLogger, NonFiniteGuard, OutputSampler, ProgressBar, read_stop,
+    METRICS_FILE, STOPPED_FILE, LiveDiagnosis, LiveReport, MetricsLogger, NonFiniteGuard, OutputSampler, ProgressBar, read_stop,
     trim_metrics, write_atomically,
 )
 from sftlab.report import write_audit, write_report, write_run_info
@@ -65,6 +66,7 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
     from accelerate import PartialState
 
     processes = PartialState(cpu=not has_accelerator())  # on CPUs, several processes talk over gloo
+    load_user_metrics(cfg.eval.metrics)  # the user's own metric code: a broken one fails now, not after training
     run_dir = prepare_run_dir(cfg.output_dir, resume=resume, overwrite=overwrite, processes=processes)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None and processes.is_main_process:
@@ -107,6 +109,7 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
         # At each evaluation the sampler answers held-out prompts before the diagnosis reads them.
         OutputSampler(run_dir, tokenizer, data.eval_examples, cfg.monitor, cfg.eval.format),
         LiveDiagnosis(run_dir, cfg.monitor, progress),
+        LiveReport(run_dir, write_report),  # report.html at each evaluation, reloading itself while the run goes on
         CheckpointBookkeeping(run_dir),
     ]
     trainer = SFTTrainer(
@@ -130,7 +133,8 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
             print_note(warning, console, warning=True)
 
     # 6b. The base model on the held-out prompts, where the trainer placed it, before any step:
-    #     eval/before.json (once: a resumed run keeps it). The main process evaluates.
+    #     eval/before.json, then prompted with training examples, eval/prompted.json (once each:
+    #     a resumed run keeps them). The main process evaluates.
     held_out = held_out_set(cfg, tokenizer, data) if processes.is_main_process else None
     if processes.is_main_process:
         with _out_of_memory_as_user_error(during="evaluation", hint=evaluation_out_of_memory_hint(cfg)):
@@ -158,8 +162,9 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(str(final_dir))
 
-    # 9. The tuned model on the same held-out prompts: eval/after.json, eval/samples.jsonl and the
-    #    before/after table; the weights in memory when they are final/, else final/ loaded.
+    # 9. The tuned model on the same held-out prompts: eval/after.json, eval/samples.jsonl, the verdict
+    #    (eval/verdict.json: did it work, better than prompting?) and the table of the three models;
+    #    the weights in memory when they are final/, else final/ loaded.
     if processes.is_main_process:
         in_memory = trainer.model if source is None and processes.num_processes == 1 else None
         step = checkpoint_step(source) if source is not None else trainer.state.global_step
