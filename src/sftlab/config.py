@@ -156,7 +156,7 @@ class EvalConfig(_Section):
         return None if value is True else value
 
 
-FINDING_CODES = ("overfitting", "underfitting", "memorization", "instability", "inconsistent_format")
+FINDING_CODES = ("overfitting", "underfitting", "memorization", "instability", "inconsistent_format", "zero_loss")
 
 
 class MonitorConfig(_Section):
