@@ -245,7 +245,7 @@ class EvalConfig(_Section):
         return "format" if self.format is not None else "rougeL"
 
 
-FINDING_CODES = ("overfitting", "underfitting", "memorization", "instability", "inconsistent_format")
+FINDING_CODES = ("overfitting", "underfitting", "memorization", "instability", "inconsistent_format", "zero_loss")
 
 
 class MonitorConfig(_Section):

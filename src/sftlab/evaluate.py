@@ -867,7 +867,9 @@ def _clip(text: str, limit: int = 300) -> str:
 
 
 def _say(console, text: str) -> None:
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    from sftlab.terminal import literal  # prompts and answers: shown as written, never markup, emoji codes or escapes
+
+    console.print(literal(text), soft_wrap=True)
 
 
 def _console():

@@ -598,10 +598,11 @@ def cadence_warnings(args, steps: int) -> list[str]:
 
 def print_note(text: str, console=None, warning: bool = False) -> None:
     from rich.console import Console
-    from rich.markup import escape
+
+    from sftlab.terminal import literal
 
     console = console or Console(stderr=True, highlight=False)
-    console.print(("[yellow]warning[/]: " if warning else "") + escape(text), soft_wrap=True)
+    console.print(literal(*([("warning", "yellow"), ": "] if warning else []), text), soft_wrap=True)
 
 
 def _gigabytes(size: int) -> str:
