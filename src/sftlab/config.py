@@ -10,9 +10,10 @@ Trade-offs:
 - Validation happens before anything heavy is loaded. An unknown key anywhere is an
   error naming the key, its line in the file and the closest valid key: a misspelt
   `learning_rat` silently ignored would cost a whole run.
-- `training` values are type-checked against `SFTConfig`'s own annotations, and
-  cross-field rules are left to `SFTConfig` itself (see `train.build_sft_config`), so
-  sftlab never disagrees with TRL about what is valid.
+- `training` values are type-checked against `SFTConfig`'s own annotations and lists of
+  choices (`loss_type`, `packing_strategy`...), and cross-field rules are left to
+  `SFTConfig` itself (see `train.build_sft_config`), so sftlab never disagrees with TRL
+  about what is valid.
 - transformers 5 folded `warmup_ratio` into a fractional `warmup_steps`; the chapter and
   most recipes still say `warmup_ratio`, so sftlab accepts it and translates it.
 """
@@ -282,8 +283,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "save_steps": 100,
     "save_total_limit": 3,
     "max_length": 1024,
-    # auto: pack where attention has variable-length kernels (flash attention), else batch by length
-    # (see train.resolve_packing); explicit true/false are honoured, packing behind a contamination check.
+    # auto: pack where attention skips the work between examples (flash attention, flex_attention on
+    # GPUs), else batch by length (see speed.choose_packing); explicit true/false are honoured, packing
+    # behind a contamination check.
     "packing": "auto",
     "eval_packing": False,
     "assistant_only_loss": True,
@@ -331,6 +333,10 @@ class SftlabConfig(_Section):
                 raise _TrainingKeyError(
                     key, f"training.{key} = {value!r} is not a valid {_type_name(annotation)}"
                 ) from None
+            # TRL's own list of values (loss_type, packing_strategy...), as its command line enforces it.
+            choices = fields[key].metadata.get("choices") if key in fields else None
+            if choices and training[key] is not None and training[key] not in choices:
+                raise _TrainingKeyError(key, f"training.{key} = {value!r} is not one of: {', '.join(map(str, choices))}")
         return training
 
     @property
