@@ -84,6 +84,7 @@ from sftlab.metrics import (
     metric_rows, primary_location, rouge_l_scores, share, user_metric_scores,
 )
 from sftlab.model import FINAL_DIR, add_default_chat_template, load_model, load_tokenizer
+from sftlab.terminal import literal
 from sftlab.monitor import follows_format, generate, generation_prompts, read_jsonl, stop_token_ids, write_atomically
 from sftlab.verdict import Verdict, caveats, decide
 
@@ -815,7 +816,7 @@ def print_comparison(summaries: dict[str, dict | None], samples: list[dict], ver
     console = console or _console()
     tuned = summaries["tuned"]
     if verdict is not None:
-        console.print(f"[bold]verdict[/]: {_escape(verdict.headline)}", soft_wrap=True)
+        console.print(literal(("verdict", "bold"), f": {verdict.headline}"), soft_wrap=True)
         for caveat in verdict.caveats:
             _say(console, f"  caveat: {caveat}")
     present = [(side, label) for side, label in COLUMNS if summaries.get(side)]
@@ -840,7 +841,7 @@ def print_comparison(summaries: dict[str, dict | None], samples: list[dict], ver
             significant = difference is not None and (difference.significantly_better or difference.significantly_worse)
             changes.append(change + (" *" if significant else ""))
         label = row.label + (" (primary)" if is_primary else "")
-        table.add_row(_escape(label), *(format_value(values[side], row.kind) for side, _ in present), *changes)
+        table.add_row(literal(label), *(format_value(values[side], row.kind) for side, _ in present), *changes)
     console.print(table)
     if primary is not None:
         _say(console, "* the primary metric's difference is significant: its paired bootstrap 95% CI excludes 0")
@@ -855,21 +856,13 @@ def print_comparison(summaries: dict[str, dict | None], samples: list[dict], ver
                 _say(console, f"  {label + ':':<10} {_clip(row[key])}")
 
 
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
-
-
 def _clip(text: str, limit: int = 300) -> str:
     text = " | ".join(line.strip() for line in text.strip().splitlines())  # one line per answer in the terminal
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _say(console, text: str) -> None:
-    from sftlab.terminal import literal  # prompts and answers: shown as written, never markup, emoji codes or escapes
-
-    console.print(literal(text), soft_wrap=True)
+    console.print(literal(text), soft_wrap=True)  # prompts and answers: shown as written, never markup or escapes
 
 
 def _console():
