@@ -56,21 +56,35 @@ class StreamWriter:
         self.close()
 
 
-def write_taken(table, indices, path: Path) -> Path:
-    """Copy the rows at `indices` (in that order) to a new file, a chunk at a time."""
+def iter_tables(path: Path | str, batch_size: int):
+    """The rows of an Arrow stream file in tables of at most `batch_size` rows, read (not memory-mapped):
+    each batch's memory is released once the next is read, so a long file costs one batch."""
     import pyarrow as pa
 
-    with StreamWriter(path, table.schema) as writer:
+    with pa.OSFile(str(path), "rb") as handle:
+        for batch in pa.ipc.open_stream(handle):
+            for start in range(0, batch.num_rows, batch_size):
+                yield pa.Table.from_batches([batch.slice(start, batch_size)])
+
+
+def write_taken(paths: list[str], indices, path: Path) -> Path:
+    """Copy the rows at `indices` (positions in the files' rows, in that order) to a new file.
+
+    A chunk at a time, each from a fresh memory map: the pages a chunk reads are released
+    with its map, so copying a large file does not leave all of it resident in this process."""
+    import pyarrow as pa
+
+    with StreamWriter(path, read_table(paths).schema) as writer:
         for start in range(0, len(indices), TAKE_CHUNK):
-            writer.write(table.take(pa.array(indices[start: start + TAKE_CHUNK])))
+            writer.write(read_table(paths).take(pa.array(indices[start: start + TAKE_CHUNK])))
     return path
 
 
-def write_filtered(table, keep, path: Path) -> Path:
+def write_filtered(paths: list[str], keep, path: Path) -> Path:
     """Copy the rows where `keep` (a numpy bool array) is set to a new file, a chunk at a time."""
     import numpy as np
 
-    return write_taken(table, np.flatnonzero(keep), path)
+    return write_taken(paths, np.flatnonzero(keep), path)
 
 
 def apply(source, function: Callable, output: Path, features, fn_kwargs: dict[str, Any], batch_size: int,
@@ -88,21 +102,19 @@ def apply(source, function: Callable, output: Path, features, fn_kwargs: dict[st
             cache_file_name=str(output), load_from_cache_file=False, new_fingerprint=fingerprint, desc=description,
         )
         return [entry["filename"] for entry in result.cache_files]
-    from_file = isinstance(source, (str, Path))
-    table = read_table([source]) if from_file else None
-    rows = table.num_rows if from_file else len(source)
     schema = _schema(features)
+    if isinstance(source, (str, Path)):
+        batches = (table.to_pydict() for table in iter_tables(source, batch_size))
+    else:  # a datasets.Dataset's rows go through its formatting (it decodes its feature types)
+        batches = (source[start: start + batch_size] for start in range(0, len(source), batch_size))
     with StreamWriter(output, schema) as writer:
-        for start in range(0, rows, batch_size):
-            # A datasets.Dataset's own rows go through its formatting (it decodes its feature types).
-            batch = table.slice(start, batch_size).to_pydict() if from_file else source[start: start + batch_size]
-            extra = []
-            if with_indices:
-                extra.append(list(range(start, start + len(next(iter(batch.values()), [])))))
-            if with_rank:
-                extra.append(None)  # not a worker process
-            out = function(batch, *extra, **fn_kwargs)
+        start = 0
+        for batch in batches:
+            rows = len(next(iter(batch.values()), []))
+            extra = ([list(range(start, start + rows))] if with_indices else []) + ([None] if with_rank else [])
+            out = function(batch, *extra, **fn_kwargs)  # rank None: not a worker process
             writer.write(out if not isinstance(out, dict) else _table(out, schema))
+            start += rows
     return [str(output)]
 
 

@@ -97,8 +97,8 @@ def prepare_data(cfg: DataConfig, tokenizer, assistant_only_loss: bool = True, s
 class _Rows:
     """Normalized rows of one or more sources (a memory-mapped Arrow table), and numpy arrays over the usable ones."""
 
-    table: Any  # pyarrow.Table of normalized rows (formats.normalized_features)
-    usable: Any  # positions of the usable rows in `table`
+    files: list[str]  # Arrow files of normalized rows (formats.normalized_features), in order
+    usable: Any  # positions of the usable rows in the files' rows
     exact: Any  # their exact and near-exact key hashes
     near: Any
     sources: list[tuple[Any, tuple[int, int]]] = field(default_factory=list)  # (SourceConfig, range in `usable`)
@@ -153,13 +153,14 @@ class _Preparation:
         train_order = self._weighted(train, train_kept, rng)
         if not len(train_order):
             raise DataError("no usable training rows", hint=_why_empty(self.collector))
-        train_examples = arrowio.write_taken(train.table, train.usable[train_order], self.work / "train-examples.arrow")
+        train_examples = arrowio.write_taken(train.files, train.usable[train_order], self.work / "train-examples.arrow")
         eval_examples = None
         if len(eval_kept):
-            eval_examples = arrowio.write_taken(evaluation.table, evaluation.usable[eval_kept],
+            eval_examples = arrowio.write_taken(evaluation.files, evaluation.usable[eval_kept],
                                                 self.work / "eval-examples.arrow")
         sample = random.Random(self.seed).sample(range(len(train_order)), min(TRAIN_SAMPLE_SIZE, len(train_order)))
-        train_sample = batch_examples(train.table.take(train.usable[train_order[sample]]).to_pydict(), self.labels)
+        sampled = arrowio.read_table(train.files).take(train.usable[train_order[sample]])
+        train_sample = batch_examples(sampled.to_pydict(), self.labels)
 
         # 5. Render with the chat template and tokenize: exactly what the trainer receives.
         stops = stop_token_ids(self.tokenizer)
@@ -194,7 +195,9 @@ class _Preparation:
         if not records.rows:
             if not (self.collector.problems or self.collector.dropped):
                 raise DataError(f"{label}: no rows", hint="the file holds no records")
-            return _Rows(normalized_features().arrow_schema.empty_table(), *(np.zeros(0, np.int64) for _ in range(3)))
+            empty = arrowio.StreamWriter(self.work / f"normalized-{source_id}.arrow", normalized_features().arrow_schema)
+            empty.close()
+            return _Rows([str(empty.path)], *(np.zeros(0, np.int64) for _ in range(3)))
         fmt = self.cfg.format or ("template" if self.cfg.template else None)
         if fmt is None:
             columns, first_line = sample_columns(records, self.cfg.max_example_chars)
@@ -224,7 +227,7 @@ class _Preparation:
         if rows:
             self.formats[label] = fmt
             self.counts[label] = {"rows": rows, "usable": len(usable)}
-        return _Rows(table, usable, table.column("exact").to_numpy()[usable], table.column("near").to_numpy()[usable])
+        return _Rows(files, usable, table.column("exact").to_numpy()[usable], table.column("near").to_numpy()[usable])
 
     def _dedup(self, rows: _Rows, duplicates: dict) -> Any:
         """Positions (into rows.usable) of the first example of each near-exact key, in order."""
@@ -251,8 +254,8 @@ class _Preparation:
         return np.flatnonzero(first == everything)
 
     def _where(self, rows: _Rows, position) -> str:
-        row = int(rows.usable[position])
-        return f"{self.labels[rows.table.column('source')[row].as_py()]}:{rows.table.column('line')[row].as_py()}"
+        row = arrowio.read_table(rows.files).select(["source", "line"]).slice(int(rows.usable[position]), 1).to_pylist()[0]
+        return f"{self.labels[row['source']]}:{row['line']}"
 
     def _weighted(self, rows: _Rows, kept, rng) -> Any:
         """The training positions (into rows.usable), source by source in order, each drawn by its weight."""
@@ -282,13 +285,13 @@ class _Preparation:
             self.collector.bad_row(self.labels[source], line, problem)
         counts = audits.RowCounts.of(table, ~failed)
         if failed.any():
-            table = arrowio.read_table([arrowio.write_filtered(table, ~failed, self.work / f"{split}-rendered.arrow")])
-            files = [str(self.work / f"{split}-rendered.arrow")]
+            files = [str(arrowio.write_filtered(files, ~failed, self.work / f"{split}-rendered.arrow"))]
+            table = arrowio.read_table(files)
         first = table.slice(0, 3).select(["source", "line", "input_ids", "assistant_masks"]).to_pydict()
         return files, counts, first
 
     def _processes(self, rows: int, rows_per_process: int) -> int | None:
-        count = min(self.cores, rows // rows_per_process)
+        count = min(self.cores, rows // rows_per_process, int(os.environ.get("SFTLAB_DATA_PROCESSES") or self.cores))
         return count if count > 1 else None
 
     def _fingerprint(self, stage: str) -> str:
@@ -299,17 +302,16 @@ class _Preparation:
 def _combine(parts: list[tuple[Any, _Rows]]) -> _Rows | None:
     """Several sources' normalized rows as one table: positions in `usable` run on from source to source."""
     import numpy as np
-    import pyarrow as pa
 
     if not parts:
         return None
-    offsets = np.cumsum([0] + [rows.table.num_rows for _, rows in parts])
+    offsets = np.cumsum([0] + [arrowio.read_table(rows.files).num_rows for _, rows in parts])
     sources, start = [], 0
     for source, rows in parts:
         sources.append((source, (start, start + len(rows.usable))))
         start += len(rows.usable)
     return _Rows(
-        table=pa.concat_tables([rows.table for _, rows in parts]) if len(parts) > 1 else parts[0][1].table,
+        files=[name for _, rows in parts for name in rows.files],
         usable=np.concatenate([rows.usable + offset for (_, rows), offset in zip(parts, offsets)]).astype(np.int64),
         exact=np.concatenate([rows.exact for _, rows in parts]),
         near=np.concatenate([rows.near for _, rows in parts]),
