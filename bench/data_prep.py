@@ -278,13 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         load_tokenizer(ModelConfig()).save_pretrained(work / "tokenizer")  # both sides load this copy, untimed
         for rows in args.rows:
             results.append(compare(rows, work, work / "tokenizer", processes))
-    uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    text = report(results, processes, uptime_before, uptime_after)
+            # Written after each size, so a long run's first results are kept even if it is stopped.
+            uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+            text = report(results, processes, uptime_before, uptime_after)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text, encoding="utf-8")
+            args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print()
     print(text, end="")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"written to {args.out} and {args.out.with_suffix('.json')}")
     passed = all(r["time_ratio"] <= 1.2 and r["pss_ratio"] <= 1.5 for r in results)
     return 0 if passed else 1

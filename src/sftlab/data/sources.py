@@ -178,7 +178,8 @@ def _opener(path: Path, compression: str | None) -> Callable[[], BinaryIO]:
             import zstandard
         except ImportError:  # pragma: no cover - a dependency of sftlab
             raise DataError(f"{path}: reading .zst files needs the zstandard package", hint="pip install zstandard") from None
-        return lambda: zstandard.open(path, "rb")
+        # Buffered: the decompressing reader itself cannot iterate lines.
+        return lambda: io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True))
     return lambda: path.open("rb")
 
 
