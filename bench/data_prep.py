@@ -82,8 +82,12 @@ def smoltalk_like(count: int, seed: int = SEED):
         chosen = words[rng.integers(0, len(words), size)]
         return " ".join(chosen.tolist()).capitalize() + "."
 
-    systems = ["You are a helpful assistant.", "You are a concise tutor.", "Answer briefly and kindly.",
-               "You are an expert editor: improve the user's text."]
+    systems = [
+        "You are a helpful assistant.",
+        "You are a concise tutor.",
+        "Answer briefly and kindly.",
+        "You are an expert editor: improve the user's text.",
+    ]
     for _ in range(count):
         turns = int(rng.choice([1, 2, 3, 4, 5, 6, 8], p=[0.55, 0.15, 0.13, 0.09, 0.04, 0.02, 0.02]))
         messages = [{"role": "system", "content": str(rng.choice(systems))}] if rng.random() < 0.2 else []
@@ -117,10 +121,14 @@ def child_sftlab(data: Path, tokenizer_dir: Path, cache: Path) -> dict:
     prepared = prepare_data(DataConfig(train=str(data)), tokenizer, max_length=MAX_LENGTH, cache_dir=cache)
     seconds = time.perf_counter() - start
     audit = prepared.audit
-    return {"seconds": seconds, "cached": bool(audit.get("cached")), "train_rows": len(prepared.train),
-            "eval_rows": len(prepared.eval) if prepared.eval is not None else 0,
-            "tokens": audit["splits"]["train"]["tokens"] + audit["splits"]["eval"]["tokens"],
-            "examples_over_max_length": audit["truncation"]["examples_over"]}
+    return {
+        "seconds": seconds,
+        "cached": bool(audit.get("cached")),
+        "train_rows": len(prepared.train),
+        "eval_rows": len(prepared.eval) if prepared.eval is not None else 0,
+        "tokens": audit["splits"]["train"]["tokens"] + audit["splits"]["eval"]["tokens"],
+        "examples_over_max_length": audit["truncation"]["examples_over"],
+    }
 
 
 def child_trl(data: Path, tokenizer_dir: Path, cache: Path, processes: int) -> dict:
@@ -129,11 +137,19 @@ def child_trl(data: Path, tokenizer_dir: Path, cache: Path, processes: int) -> d
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=MAX_LENGTH)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=MAX_LENGTH,
+    )
     model = LlamaForCausalLM(config)  # data preparation only: the smallest model that takes the vocabulary
-    args = SFTConfig(output_dir=str(cache / "out"), max_length=MAX_LENGTH, dataset_num_proc=processes,
-                     report_to=[], use_cpu=True)
+    args = SFTConfig(
+        output_dir=str(cache / "out"), max_length=MAX_LENGTH, dataset_num_proc=processes, report_to=[], use_cpu=True
+    )
     start = time.perf_counter()
     dataset = datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(cache / "hf"))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -194,11 +210,20 @@ def measured(kind: str, data: Path, tokenizer_dir: Path, cache: Path, processes:
     sampler.join()
     if child.returncode != 0:
         raise SystemExit(f"{kind} child failed ({child.returncode}):\n{stderr[-4000:]}")
-    result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    result.update(kind=kind, process_seconds=time.perf_counter() - started, peak_pss=peak["pss"],
-                  peak_rss=peak["rss"], load_before=load_before, load_after=os.getloadavg())
-    print(f"  {kind:<14} {result['seconds']:8.1f} s   peak PSS {peak['pss'] / 2**30:5.2f} GiB   "
-          f"RSS {peak['rss'] / 2**30:5.2f} GiB   load {load_before[0]:.1f} -> {result['load_after'][0]:.1f}", flush=True)
+    result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
+    result.update(
+        kind=kind,
+        process_seconds=time.perf_counter() - started,
+        peak_pss=peak["pss"],
+        peak_rss=peak["rss"],
+        load_before=load_before,
+        load_after=os.getloadavg(),
+    )
+    print(
+        f"  {kind:<14} {result['seconds']:8.1f} s   peak PSS {peak['pss'] / 2**30:5.2f} GiB   "
+        f"RSS {peak['rss'] / 2**30:5.2f} GiB   load {load_before[0]:.1f} -> {result['load_after'][0]:.1f}",
+        flush=True,
+    )
     return result
 
 
@@ -213,8 +238,11 @@ def compare(rows: int, work: Path, tokenizer_dir: Path, processes: int) -> dict:
     data = work / f"smoltalk-like-{rows}.jsonl"
     start = time.perf_counter()
     shape = write_jsonl(data, rows)
-    print(f"{rows:,} conversations: {shape['megabytes']:.0f} MB, {shape['assistant_turns'] / rows:.2f} assistant turns "
-          f"each (generated in {time.perf_counter() - start:.0f} s)", flush=True)
+    print(
+        f"{rows:,} conversations: {shape['megabytes']:.0f} MB, {shape['assistant_turns'] / rows:.2f} assistant turns "
+        f"each (generated in {time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
     sftlab_cache = work / f"sftlab-cache-{rows}"
     sftlab = measured("sftlab", data, tokenizer_dir, sftlab_cache, processes)
     cached = measured("sftlab cached", data, tokenizer_dir, sftlab_cache, processes)
@@ -222,9 +250,16 @@ def compare(rows: int, work: Path, tokenizer_dir: Path, processes: int) -> dict:
     for result in (sftlab, cached, trl):
         result["tokens_per_s"] = sftlab["tokens"] / result["seconds"]
     data.unlink()
-    return {"rows": rows, "data": shape, "sftlab": sftlab, "sftlab_cached": cached, "trl": trl,
-            "time_ratio": sftlab["seconds"] / trl["seconds"], "pss_ratio": sftlab["peak_pss"] / trl["peak_pss"],
-            "rss_ratio": sftlab["peak_rss"] / trl["peak_rss"]}
+    return {
+        "rows": rows,
+        "data": shape,
+        "sftlab": sftlab,
+        "sftlab_cached": cached,
+        "trl": trl,
+        "time_ratio": sftlab["seconds"] / trl["seconds"],
+        "pss_ratio": sftlab["peak_pss"] / trl["peak_pss"],
+        "rss_ratio": sftlab["peak_rss"] / trl["peak_rss"],
+    }
 
 
 def report(results: list[dict], processes: int, uptime_before: str, uptime_after: str) -> str:
@@ -247,24 +282,32 @@ def report(results: list[dict], processes: int, uptime_before: str, uptime_after
     for result in results:
         for key in ("sftlab", "sftlab_cached", "trl"):
             run = result[key]
-            lines.append(f"{result['rows']:>8,} {run['kind']:<14}{run['seconds']:>9.1f}{run['tokens_per_s']:>11,.0f}"
-                         f"{run['peak_pss'] / gib:>14.2f}{run['peak_rss'] / gib:>14.2f}  "
-                         f"{run['load_before'][0]:.1f} / {run['load_after'][0]:.1f}")
+            lines.append(
+                f"{result['rows']:>8,} {run['kind']:<14}{run['seconds']:>9.1f}{run['tokens_per_s']:>11,.0f}"
+                f"{run['peak_pss'] / gib:>14.2f}{run['peak_rss'] / gib:>14.2f}  "
+                f"{run['load_before'][0]:.1f} / {run['load_after'][0]:.1f}"
+            )
     lines.append("")
     for result in results:
         shape, sftlab = result["data"], result["sftlab"]
-        lines.append(f"{result['rows']:,} conversations ({shape['megabytes']:.0f} MB JSONL, {sftlab['tokens']:,} tokens, "
-                     f"{sftlab['examples_over_max_length']:,} train rows over max_length): sftlab / TRL time "
-                     f"x{result['time_ratio']:.2f} (target <= 1.2), peak PSS x{result['pss_ratio']:.2f} "
-                     f"(target <= 1.5), peak RSS x{result['rss_ratio']:.2f}; cached sftlab "
-                     f"{result['sftlab_cached']['seconds']:.1f} s")
+        lines.append(
+            f"{result['rows']:,} conversations ({shape['megabytes']:.0f} MB JSONL, {sftlab['tokens']:,} tokens, "
+            f"{sftlab['examples_over_max_length']:,} train rows over max_length): sftlab / TRL time "
+            f"x{result['time_ratio']:.2f} (target <= 1.2), peak PSS x{result['pss_ratio']:.2f} "
+            f"(target <= 1.5), peak RSS x{result['rss_ratio']:.2f}; cached sftlab "
+            f"{result['sftlab_cached']['seconds']:.1f} s"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 400_000], help="conversations (default 100000 400000)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "data_prep.txt", help="result file (a .json is written beside it)")
+    parser.add_argument(
+        "--rows", type=int, nargs="+", default=[100_000, 400_000], help="conversations (default 100000 400000)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS / "data_prep.txt", help="result file (a .json is written beside it)"
+    )
     args = parser.parse_args(argv)
     processes = len(os.sched_getaffinity(0))
 

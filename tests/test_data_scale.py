@@ -20,10 +20,10 @@ from bisect import bisect_left
 from pathlib import Path
 
 import pytest
+from conftest import chat_rows, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import chat_rows, write_jsonl
 from sftlab.config import DataConfig, ModelConfig
 from sftlab.data import ExampleSequence, prepare_data
 from sftlab.errors import DataError
@@ -130,8 +130,10 @@ def varied_rows(count: int) -> list[dict]:
     for i in range(count):
         messages = [{"role": "system", "content": "Be brief."}] if i % 3 == 0 else []
         for turn in range(1 + i % 3):
-            messages += [{"role": "user", "content": f"What is {i} plus {turn}?"},
-                         {"role": "assistant", "content": f"{i} plus {turn} is {i + turn}. " * (1 + i % 5)}]
+            messages += [
+                {"role": "user", "content": f"What is {i} plus {turn}?"},
+                {"role": "assistant", "content": f"{i} plus {turn} is {i + turn}. " * (1 + i % 5)},
+            ]
         rows.append({"messages": messages, "id": i})
     return rows
 
@@ -180,7 +182,8 @@ def test_the_cache_returns_the_same_data_memory_mapped_and_eval_examples_on_dema
     listed = list(examples)
     assert examples[0] == listed[0] and examples[-1] == listed[-1] and examples[2:5] == listed[2:5]
     assert {example.metadata["id"] for example in listed}.isdisjoint(
-        {example.metadata["id"] for example in again.train_sample})
+        {example.metadata["id"] for example in again.train_sample}
+    )
     with pytest.raises(IndexError):
         examples[15]
 
@@ -248,9 +251,24 @@ def test_peak_memory_of_4n_rows_grows_far_less_than_4x(tmp_path, tiny_model):
     script = tmp_path / "memory.py"
     script.write_text(MEMORY_SCRIPT, encoding="utf-8")
     env = {**os.environ, "SFTLAB_DATA_PROCESSES": "1"}  # everything in the measured process
-    result = subprocess.run([sys.executable, str(script), str(tiny_model), str(Path(__file__).parent), "1000"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tiny_model), str(Path(__file__).parent), "1000"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     peaks = {int(rows): peak for rows, peak in json.loads(result.stdout.strip().splitlines()[-1]).items()}
     small, large = peaks[1000], peaks[4000]
     assert large < 1.6 * small, f"Python heap peak {small:,} bytes for 1,000 rows, {large:,} for 4,000"
+
+
+@pytest.mark.parametrize("name", ["chapter_deepseek_smoltalk.yaml", "chapter_deepseek_smoltalk_lora.yaml"])
+def test_the_chapter_examples_read_the_whole_dataset(name):
+    from sftlab.config import load_config
+    from sftlab.data import source_list
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "examples" / name)
+    for source in source_list(cfg.data.train) + source_list(cfg.data.eval):
+        assert source.path == "HuggingFaceTB/smoltalk" and source.weight is None  # fraction becomes weight

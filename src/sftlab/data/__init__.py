@@ -18,12 +18,37 @@ stops the run (`on_error: fail`) or is counted and skipped (`on_error: skip`).
 
 from sftlab.data.cache import cache_key, default_cache_dir
 from sftlab.data.formats import FORMATS, Example, ExampleSequence, checked_messages, detect_format, to_example
-from sftlab.data.masks import Rendered, end_of_turn_marker, end_of_turn_token_id, render, render_example, tokenize_rendered
+from sftlab.data.masks import (
+    Rendered,
+    end_of_turn_marker,
+    end_of_turn_token_id,
+    render,
+    render_example,
+    tokenize_rendered,
+)
 from sftlab.data.prepare import PreparedData, preparation_settings, prepare_data
 from sftlab.data.sources import FILE_SUFFIXES, BadRow, Record, source_list
 
 __all__ = [
-    "FILE_SUFFIXES", "FORMATS", "BadRow", "Example", "ExampleSequence", "PreparedData", "Record", "Rendered", "cache_key",
-    "checked_messages", "default_cache_dir", "detect_format", "end_of_turn_marker", "end_of_turn_token_id",
-    "preparation_settings", "prepare_data", "render", "render_example", "source_list", "to_example", "tokenize_rendered",
+    "FILE_SUFFIXES",
+    "FORMATS",
+    "BadRow",
+    "Example",
+    "ExampleSequence",
+    "PreparedData",
+    "Record",
+    "Rendered",
+    "cache_key",
+    "checked_messages",
+    "default_cache_dir",
+    "detect_format",
+    "end_of_turn_marker",
+    "end_of_turn_token_id",
+    "preparation_settings",
+    "prepare_data",
+    "render",
+    "render_example",
+    "source_list",
+    "to_example",
+    "tokenize_rendered",
 ]

@@ -76,7 +76,7 @@ def write_taken(paths: list[str], indices, path: Path) -> Path:
 
     with StreamWriter(path, read_table(paths).schema) as writer:
         for start in range(0, len(indices), TAKE_CHUNK):
-            writer.write(read_table(paths).take(pa.array(indices[start: start + TAKE_CHUNK])))
+            writer.write(read_table(paths).take(pa.array(indices[start : start + TAKE_CHUNK])))
     return path
 
 
@@ -87,9 +87,19 @@ def write_filtered(paths: list[str], keep, path: Path) -> Path:
     return write_taken(paths, np.flatnonzero(keep), path)
 
 
-def apply(source, function: Callable, output: Path, features, fn_kwargs: dict[str, Any], batch_size: int,
-          processes: int | None, fingerprint: str, description: str, with_indices: bool = False,
-          with_rank: bool = False) -> list[str]:
+def apply(
+    source,
+    function: Callable,
+    output: Path,
+    features,
+    fn_kwargs: dict[str, Any],
+    batch_size: int,
+    processes: int | None,
+    fingerprint: str,
+    description: str,
+    with_indices: bool = False,
+    with_rank: bool = False,
+) -> list[str]:
     """Run a batched function over every row of `source` (an Arrow file's path, or a datasets.Dataset);
     returns the output files, in row order."""
     import datasets
@@ -97,16 +107,26 @@ def apply(source, function: Callable, output: Path, features, fn_kwargs: dict[st
     if processes:
         dataset = datasets.Dataset.from_file(str(source)) if isinstance(source, (str, Path)) else source
         result = dataset.map(
-            function, batched=True, batch_size=batch_size, with_indices=with_indices, with_rank=with_rank,
-            remove_columns=dataset.column_names, features=features, fn_kwargs=fn_kwargs, num_proc=processes,
-            cache_file_name=str(output), load_from_cache_file=False, new_fingerprint=fingerprint, desc=description,
+            function,
+            batched=True,
+            batch_size=batch_size,
+            with_indices=with_indices,
+            with_rank=with_rank,
+            remove_columns=dataset.column_names,
+            features=features,
+            fn_kwargs=fn_kwargs,
+            num_proc=processes,
+            cache_file_name=str(output),
+            load_from_cache_file=False,
+            new_fingerprint=fingerprint,
+            desc=description,
         )
         return [entry["filename"] for entry in result.cache_files]
     schema = _schema(features)
     if isinstance(source, (str, Path)):
         batches = (table.to_pydict() for table in iter_tables(source, batch_size))
     else:  # a datasets.Dataset's rows go through its formatting (it decodes its feature types)
-        batches = (source[start: start + batch_size] for start in range(0, len(source), batch_size))
+        batches = (source[start : start + batch_size] for start in range(0, len(source), batch_size))
     with StreamWriter(output, schema) as writer:
         start = 0
         for batch in batches:

@@ -44,23 +44,40 @@ class RowCounts:
         return int(self.length.sum())
 
 
-def build_audit(train: RowCounts, eval_rows: int, eval_tokens: int, examples: list[dict], formats: dict[str, str],
-                counts: dict[str, dict[str, int]], collector: Collector, duplicates: dict, leaked: int,
-                max_length: int | None, cfg: DataConfig, assistant_only_loss: bool) -> dict[str, Any]:
+def build_audit(
+    train: RowCounts,
+    eval_rows: int,
+    eval_tokens: int,
+    examples: list[dict],
+    formats: dict[str, str],
+    counts: dict[str, dict[str, int]],
+    collector: Collector,
+    duplicates: dict,
+    leaked: int,
+    max_length: int | None,
+    cfg: DataConfig,
+    assistant_only_loss: bool,
+) -> dict[str, Any]:
     total_tokens = train.tokens
     response_tokens = int(train.trained.sum())
     trained_tokens = response_tokens if assistant_only_loss else total_tokens
     rows_in = sum(count["rows"] for count in counts.values())
     audit: dict[str, Any] = {
         "ok": True,
-        "splits": {"train": {"rows": train.rows, "tokens": total_tokens}, "eval": {"rows": eval_rows, "tokens": eval_tokens}},
+        "splits": {
+            "train": {"rows": train.rows, "tokens": total_tokens},
+            "eval": {"rows": eval_rows, "tokens": eval_tokens},
+        },
         "sources": counts,
         "formats": formats,
         "dropped": {"count": sum(collector.dropped.values()), "reasons": collector.dropped},
         "problems": [asdict(problem) for problem in collector.problems],
         "duplicates": {**duplicates, "leakage": leaked},
-        "lengths": {"prompt": distribution(train.length - train.trained), "response": distribution(train.trained),
-                    "total": distribution(train.length)},
+        "lengths": {
+            "prompt": distribution(train.length - train.trained),
+            "response": distribution(train.trained),
+            "total": distribution(train.length),
+        },
         "truncation": truncation(train, max_length),
         "trained_token_share": trained_tokens / total_tokens if total_tokens else 0.0,
         "trained_tokens": trained_tokens,
@@ -83,8 +100,13 @@ def distribution(values) -> dict[str, float]:
     ordered = np.sort(np.asarray(values, dtype=np.int64))
     count = len(ordered)
     middle = int(ordered[count // 2]) if count % 2 else (int(ordered[count // 2 - 1]) + int(ordered[count // 2])) / 2
-    return {"min": int(ordered[0]), "median": middle, "p95": int(ordered[min(count - 1, int(0.95 * count))]),
-            "max": int(ordered[-1]), "mean": round(int(ordered.sum()) / count, 1)}
+    return {
+        "min": int(ordered[0]),
+        "median": middle,
+        "p95": int(ordered[min(count - 1, int(0.95 * count))]),
+        "max": int(ordered[-1]),
+        "mean": round(int(ordered.sum()) / count, 1),
+    }
 
 
 def truncation(train: RowCounts, max_length: int | None) -> dict[str, Any]:
@@ -129,12 +151,16 @@ def judge(audit: dict, cfg: DataConfig, rows_in: int) -> None:
         warn(f"{audit['dropped']['count']} of {rows_in} rows dropped ({audit['dropped']['count'] / rows_in:.1%})")
     cut = audit["truncation"]
     if train_rows and cut["examples_over"] / train_rows > limits.truncated_share:
-        warn(f"{cut['examples_over']} examples exceed max_length {cut['max_length']}: "
-             f"{cut['trained_tokens_cut']} trained tokens would be cut; raise training.max_length or shorten them")
+        warn(
+            f"{cut['examples_over']} examples exceed max_length {cut['max_length']}: "
+            f"{cut['trained_tokens_cut']} trained tokens would be cut; raise training.max_length or shorten them"
+        )
     if audit["trained_token_share"] < limits.trained_token_share_below:
         warn(f"only {audit['trained_token_share']:.1%} of tokens are trained: prompts dominate the data")
     if audit["end_of_turn_untrained"]:
-        warn(f"{audit['end_of_turn_untrained']} examples do not train the end-of-turn token: the model may not learn to stop")
+        warn(
+            f"{audit['end_of_turn_untrained']} examples do not train the end-of-turn token: the model may not learn to stop"
+        )
     if not audit["splits"]["eval"]["rows"]:
         warn("no eval data: overfitting cannot be detected (set data.eval or data.eval_split)")
     if train_rows and cut["examples_emptied"] == train_rows:

@@ -45,14 +45,19 @@ TRAINER_COLUMNS = ["input_ids", "assistant_masks"]
 def default_cache_dir() -> Path | None:
     if os.environ.get("SFTLAB_NO_CACHE"):
         return None
-    root = os.environ.get("SFTLAB_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "sftlab")
+    root = os.environ.get("SFTLAB_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "sftlab"
+    )
     return Path(root) / "prepared"
 
 
 def cache_key(cfg: DataConfig, tokenizer, assistant_only_loss: bool, seed: int, max_length: int | None) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps([CACHE_VERSION, cfg.model_dump(mode="json"), assistant_only_loss, seed, max_length],
-                             sort_keys=True).encode())
+    digest.update(
+        json.dumps(
+            [CACHE_VERSION, cfg.model_dump(mode="json"), assistant_only_loss, seed, max_length], sort_keys=True
+        ).encode()
+    )
     digest.update(_tokenizer_fingerprint(tokenizer).encode())
     for source in source_list(cfg.train) + source_list(cfg.eval):
         digest.update(_source_fingerprint(source).encode())
@@ -101,8 +106,9 @@ def work_directory(cache_dir: Path | None, key: str) -> Path:
     return directory
 
 
-def write_entry(directory: Path, files: dict[str, list[str] | None], labels: list[str], audit: dict,
-                train_sample: list[Example]) -> None:
+def write_entry(
+    directory: Path, files: dict[str, list[str] | None], labels: list[str], audit: dict, train_sample: list[Example]
+) -> None:
     """The small files of an entry; the Arrow files named in `files` are already in `directory`."""
     names = {split: None if paths is None else [Path(path).name for path in paths] for split, paths in files.items()}
     kept = {name for paths in names.values() if paths for name in paths}
@@ -110,7 +116,8 @@ def write_entry(directory: Path, files: dict[str, list[str] | None], labels: lis
         if path.suffix == ".arrow" and path.name not in kept:
             path.unlink()  # records and normalized rows: not needed once tokenized
     (directory / "train_sample.jsonl").write_text(
-        "".join(json.dumps(asdict(example), default=str) + "\n" for example in train_sample), encoding="utf-8")
+        "".join(json.dumps(asdict(example), default=str) + "\n" for example in train_sample), encoding="utf-8"
+    )
     (directory / "audit.json").write_text(json.dumps(audit), encoding="utf-8")
     (directory / MANIFEST).write_text(json.dumps({"files": names, "labels": labels}), encoding="utf-8")
 
@@ -142,7 +149,9 @@ def load_entry(directory: Path):
         files, labels = manifest["files"], manifest["labels"]
         train = _open(directory, files["train"], TRAINER_COLUMNS)
         evaluation = _open(directory, files["eval"], TRAINER_COLUMNS) if files.get("eval") else None
-        examples = ExampleSequence(_open(directory, files["eval_examples"]), labels) if files.get("eval_examples") else []
+        examples = (
+            ExampleSequence(_open(directory, files["eval_examples"]), labels) if files.get("eval_examples") else []
+        )
         lines = (directory / "train_sample.jsonl").read_text(encoding="utf-8").splitlines()
         sample = [Example(**json.loads(line)) for line in lines]
         audit = json.loads((directory / "audit.json").read_text(encoding="utf-8"))

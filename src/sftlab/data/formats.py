@@ -36,9 +36,20 @@ from sftlab.errors import DataError
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "template", "text")
 ROLES = {"system", "user", "assistant", "tool"}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-                  "bing": "assistant", "model": "assistant", "system": "system", "tool": "tool", "function": "tool",
-                  "observation": "tool", "function_call": "assistant"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+    "function_call": "assistant",
+}
 FORMAT_SAMPLE_ROWS = 1000  # format detection looks at the columns of the first usable rows
 FORMAT_SCAN_LIMIT = 20_000  # ... reading at most this many rows to find them
 # The status of a normalized row: an example; a record that cannot be read (bad JSON, too large...); a blank
@@ -108,11 +119,21 @@ def normalized_features():
     import datasets
 
     text = datasets.Value("large_string")
-    return datasets.Features({
-        "source": datasets.Value("int32"), "line": datasets.Value("int64"), "status": datasets.Value("int8"),
-        "problem": datasets.Value("string"), "messages": text, "prompt": text, "completion": text, "tools": text,
-        "metadata": text, "exact": datasets.Value("int64"), "near": datasets.Value("int64"),
-    })
+    return datasets.Features(
+        {
+            "source": datasets.Value("int32"),
+            "line": datasets.Value("int64"),
+            "status": datasets.Value("int8"),
+            "problem": datasets.Value("string"),
+            "messages": text,
+            "prompt": text,
+            "completion": text,
+            "tools": text,
+            "metadata": text,
+            "exact": datasets.Value("int64"),
+            "near": datasets.Value("int64"),
+        }
+    )
 
 
 def batch_records(batch: dict[str, list], indices: list[int], raw: bool) -> Iterator[tuple[int, dict | None | BadRow]]:
@@ -129,11 +150,34 @@ def batch_records(batch: dict[str, list], indices: list[int], raw: bool) -> Iter
         yield index + 1, dict(zip(names, values))
 
 
-def normalize_batch(batch: dict[str, list], indices: list[int], *, raw: bool, fmt: str, template: str | None,
-                    max_chars: int, label: str, source_id: int) -> dict[str, list]:
+def normalize_batch(
+    batch: dict[str, list],
+    indices: list[int],
+    *,
+    raw: bool,
+    fmt: str,
+    template: str | None,
+    max_chars: int,
+    label: str,
+    source_id: int,
+) -> dict[str, list]:
     """`datasets.map` function: a batch of records -> normalized rows (one per record)."""
-    out: dict[str, list] = {name: [] for name in ("source", "line", "status", "problem", "messages", "prompt",
-                                                  "completion", "tools", "metadata", "exact", "near")}
+    out: dict[str, list] = {
+        name: []
+        for name in (
+            "source",
+            "line",
+            "status",
+            "problem",
+            "messages",
+            "prompt",
+            "completion",
+            "tools",
+            "metadata",
+            "exact",
+            "near",
+        )
+    }
     for line, data in batch_records(batch, indices, raw):
         example, problem, status = None, None, BLANK
         if isinstance(data, BadRow):
@@ -164,17 +208,24 @@ def example_row(example: Example) -> dict[str, str | None]:
     def dump(value):
         return json.dumps(value, ensure_ascii=False, default=str)
 
-    return {"messages": None if example.messages is None else dump(example.messages), "prompt": example.prompt,
-            "completion": example.completion, "tools": None if example.tools is None else dump(example.tools),
-            "metadata": dump(example.metadata)}
+    return {
+        "messages": None if example.messages is None else dump(example.messages),
+        "prompt": example.prompt,
+        "completion": example.completion,
+        "tools": None if example.tools is None else dump(example.tools),
+        "metadata": dump(example.metadata),
+    }
 
 
 def row_example(row: dict[str, Any], labels: Sequence[str]) -> Example:
     return Example(
         messages=None if row["messages"] is None else json.loads(row["messages"]),
-        prompt=row["prompt"] or "", completion=row["completion"] or "",
+        prompt=row["prompt"] or "",
+        completion=row["completion"] or "",
         tools=None if row["tools"] is None else json.loads(row["tools"]),
-        source=labels[row["source"]], line=row["line"], metadata=json.loads(row["metadata"] or "{}"),
+        source=labels[row["source"]],
+        line=row["line"],
+        metadata=json.loads(row["metadata"] or "{}"),
     )
 
 
@@ -226,7 +277,7 @@ class ExampleSequence(Sequence):
 
     def __iter__(self) -> Iterator[Example]:
         for start in range(0, len(self), 256):
-            yield from self[start: start + 256]
+            yield from self[start : start + 256]
 
     def __repr__(self) -> str:
         return f"ExampleSequence({len(self)} examples)"
@@ -258,7 +309,10 @@ def to_example(record: Record, fmt: str, template: str | None = None) -> Example
     if fmt == "messages":
         messages, used = checked_messages(_field(data, "messages"), "role", "content", None), {"messages", "tools"}
     elif fmt == "sharegpt":
-        messages, used = checked_messages(_field(data, "conversations"), "from", "value", SHAREGPT_ROLES), {"conversations", "tools"}
+        messages, used = (
+            checked_messages(_field(data, "conversations"), "from", "value", SHAREGPT_ROLES),
+            {"conversations", "tools"},
+        )
     elif fmt == "alpaca":
         messages, used = _alpaca_messages(data), {"instruction", "input", "output", "system"}
     elif fmt == "prompt_completion":
@@ -266,7 +320,7 @@ def to_example(record: Record, fmt: str, template: str | None = None) -> Example
         used = {"prompt", "completion", "tools"}
         if isinstance(prompt, list) and isinstance(completion, list):
             messages = checked_messages(prompt + completion, "role", "content", None)
-            if not any(m["role"] == "assistant" for m in messages[len(prompt):]):
+            if not any(m["role"] == "assistant" for m in messages[len(prompt) :]):
                 raise BadRow("no assistant turn in the completion")
         elif isinstance(prompt, list) or isinstance(completion, list):
             raise BadRow("prompt and completion must both be text or both be message lists")
@@ -290,8 +344,10 @@ def _alpaca_messages(data: dict) -> list[dict]:
         raise BadRow(f"field 'input' is {type(extra).__name__}, expected text")
     system = data.get("system")
     messages = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
-    messages += [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction},
-                 {"role": "assistant", "content": output}]
+    messages += [
+        {"role": "user", "content": f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction},
+        {"role": "assistant", "content": output},
+    ]
     return checked_messages(messages, "role", "content", None)
 
 
@@ -389,9 +445,14 @@ def _apply_template(template: str, data: dict) -> tuple[str, str, set[str]]:
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
     except ValueError as exc:
-        raise DataError(f"data.template is not a valid template: {exc}", hint='use {field} placeholders, e.g. "Q: {question}\\nA: {answer}"') from None
+        raise DataError(
+            f"data.template is not a valid template: {exc}",
+            hint='use {field} placeholders, e.g. "Q: {question}\\nA: {answer}"',
+        ) from None
     if not fields:
-        raise DataError("data.template has no {field} placeholders", hint='e.g. "### Question: {question}\\n### Answer: {answer}"')
+        raise DataError(
+            "data.template has no {field} placeholders", hint='e.g. "### Question: {question}\\n### Answer: {answer}"'
+        )
     missing = [name for name in fields if name not in data]
     if missing:
         raise BadRow(f"missing field {missing[0]!r} (used by data.template; row has {', '.join(map(str, data))})")
@@ -405,16 +466,19 @@ def _apply_template(template: str, data: dict) -> tuple[str, str, set[str]]:
         raise DataError(f"data.template cannot be filled: {exc}") from None
 
 
-
-
 def check_template(template: str | None) -> None:
     """Raise DataError for a formatting template that no row could fill (checked once, before the rows)."""
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template or "") if name]
     except ValueError as exc:
-        raise DataError(f"data.template is not a valid template: {exc}", hint='use {field} placeholders, e.g. "Q: {question}\\nA: {answer}"') from None
+        raise DataError(
+            f"data.template is not a valid template: {exc}",
+            hint='use {field} placeholders, e.g. "Q: {question}\\nA: {answer}"',
+        ) from None
     if not fields:
-        raise DataError("data.template has no {field} placeholders", hint='e.g. "### Question: {question}\\n### Answer: {answer}"')
+        raise DataError(
+            "data.template has no {field} placeholders", hint='e.g. "### Question: {question}\\n### Answer: {answer}"'
+        )
     try:
         (template or "").format(**{name: "" for name in fields})
     except (KeyError, IndexError, ValueError) as exc:

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 from sftlab.data.formats import Example, batch_examples
 from sftlab.data.sources import BadRow
 
-SENTINEL = "\uE000sftlab-response\uE001"  # private-use characters: no template or text contains them
+SENTINEL = "\ue000sftlab-response\ue001"  # private-use characters: no template or text contains them
 MAX_PROMPT_OVERLAP = 256  # generation prompts end with short markers; longer overlaps are coincidence
 
 
@@ -59,8 +59,9 @@ class TemplateRejected(BadRow):
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools=None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             tools=tools)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
+        )
     except Exception as exc:  # jinja's TemplateError, or a raise_exception() inside the template
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise TemplateRejected(f"chat template rejects this conversation: {reason}") from None
@@ -96,8 +97,9 @@ def _render_conversation(tokenizer, messages: list[dict], tools) -> list[Rendere
     return [Rendered(full, spans)]
 
 
-def _turn_span(tokenizer, messages: list[dict], index: int, tools,
-               through: str | None = None) -> tuple[str, tuple[int, int] | None]:
+def _turn_span(
+    tokenizer, messages: list[dict], index: int, tools, through: str | None = None
+) -> tuple[str, tuple[int, int] | None]:
     """Render messages[:index + 1] and find the span of its last (assistant) turn in it.
 
     The span starts where the rendering departs from the generation prompt, so the role
@@ -149,7 +151,7 @@ def _render_turn_by_turn(tokenizer, messages: list[dict], tools) -> list[Rendere
 def end_of_turn_marker(tokenizer, history: list[dict], tools=None) -> str:
     """What the template writes after an assistant response (e.g. '<|im_end|>\\n')."""
     rendered = render(tokenizer, [*history, {"role": "assistant", "content": SENTINEL}], tools=tools)
-    return rendered[rendered.index(SENTINEL) + len(SENTINEL):] if SENTINEL in rendered else (tokenizer.eos_token or "")
+    return rendered[rendered.index(SENTINEL) + len(SENTINEL) :] if SENTINEL in rendered else (tokenizer.eos_token or "")
 
 
 def _strip_prompt_overlap(prompt: str, response: str) -> str:
@@ -176,7 +178,6 @@ def _common_prefix_length(a: str, b: str) -> int:
         if a[position] != b[position]:
             return position
     return length
-
 
 
 def end_of_turn_token_id(tokenizer) -> int | None:
@@ -211,12 +212,14 @@ def _encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], 
     return encoded["input_ids"], encoded["offset_mapping"]
 
 
-def tokenize_rendered(tokenizer, rendered: list[Rendered], batch_size: int = 1000) -> tuple[list[list[int]], list[list[int]]]:
+def tokenize_rendered(
+    tokenizer, rendered: list[Rendered], batch_size: int = 1000
+) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids and a response mask for each rendered item (lists; `tokenize_batch` is the Arrow version)."""
     all_ids: list[list[int]] = []
     all_masks: list[list[int]] = []
     for start in range(0, len(rendered), batch_size):
-        ids, masks, _ = _tokenize_chunk(tokenizer, rendered[start: start + batch_size])
+        ids, masks, _ = _tokenize_chunk(tokenizer, rendered[start : start + batch_size])
         all_ids += ids
         all_masks += [mask.tolist() for mask in masks]
     return all_ids, all_masks
@@ -236,8 +239,12 @@ def _tokenize_chunk(tokenizer, rendered: list[Rendered]):
     raw = [i for i, item in enumerate(rendered) if item.prompt_end is not None]
     if raw:
         # The tokenizer's own BOS (if it adds one) goes before the prompt, nothing special inside the response.
-        prompts = tokenizer([rendered[i].text[: rendered[i].prompt_end] for i in raw], add_special_tokens=True)["input_ids"]
-        responses = tokenizer([rendered[i].text[rendered[i].prompt_end:] for i in raw], add_special_tokens=False)["input_ids"]
+        prompts = tokenizer([rendered[i].text[: rendered[i].prompt_end] for i in raw], add_special_tokens=True)[
+            "input_ids"
+        ]
+        responses = tokenizer([rendered[i].text[rendered[i].prompt_end :] for i in raw], add_special_tokens=False)[
+            "input_ids"
+        ]
         for i, prompt, response in zip(raw, prompts, responses):
             ids[i] = prompt + response
             masks[i] = np.concatenate([np.zeros(len(prompt), np.int8), np.ones(len(response), np.int8)])
@@ -277,16 +284,32 @@ def tokenized_features():
     import datasets
 
     count = datasets.Value("int32")
-    return datasets.Features({
-        "input_ids": datasets.List(datasets.Value("int32")), "assistant_masks": datasets.List(datasets.Value("int8")),
-        "source": datasets.Value("int32"), "line": datasets.Value("int64"), "problem": datasets.Value("string"),
-        "length": count, "trained": count, "trained_cut": count, "emptied": datasets.Value("bool"),
-        "stop_trained": datasets.Value("bool"),
-    })
+    return datasets.Features(
+        {
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "assistant_masks": datasets.List(datasets.Value("int8")),
+            "source": datasets.Value("int32"),
+            "line": datasets.Value("int64"),
+            "problem": datasets.Value("string"),
+            "length": count,
+            "trained": count,
+            "trained_cut": count,
+            "emptied": datasets.Value("bool"),
+            "stop_trained": datasets.Value("bool"),
+        }
+    )
 
 
-def tokenize_batch(batch: dict[str, list], rank: int | None = None, *, tokenizer, labels: Sequence[str],
-                   assistant_only_loss: bool, max_length: int | None, stop_ids: Sequence[int]):
+def tokenize_batch(
+    batch: dict[str, list],
+    rank: int | None = None,
+    *,
+    tokenizer,
+    labels: Sequence[str],
+    assistant_only_loss: bool,
+    max_length: int | None,
+    stop_ids: Sequence[int],
+):
     """`datasets.map` function: normalized examples -> tokenized rows (one per rendered piece), as an Arrow table.
 
     Besides `input_ids` and `assistant_masks` (all ones unless assistant_only_loss), each row
@@ -329,13 +352,17 @@ def tokenize_batch(batch: dict[str, list], rank: int | None = None, *, tokenizer
     stop_trained = per_row(mask * np.isin(flat_ids, np.asarray(stop_ids, dtype=np.int64))) > 0
     offsets = pa.array(starts, pa.int32())
     out_mask = mask if assistant_only_loss else np.ones_like(mask)
-    return pa.table({
-        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(flat_ids.astype(np.int32))),
-        "assistant_masks": pa.ListArray.from_arrays(offsets, pa.array(out_mask.astype(np.int8))),
-        "source": pa.array(sources, pa.int32()), "line": pa.array(lines, pa.int64()),
-        "problem": pa.array(problems, pa.string()), "length": pa.array(counts, pa.int32()),
-        "trained": pa.array(trained, pa.int32()), "trained_cut": pa.array(trained_cut, pa.int32()),
-        "emptied": pa.array((counts > limit) & (trained_kept == 0)),
-        "stop_trained": pa.array(stop_trained),
-    })
-
+    return pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(flat_ids.astype(np.int32))),
+            "assistant_masks": pa.ListArray.from_arrays(offsets, pa.array(out_mask.astype(np.int8))),
+            "source": pa.array(sources, pa.int32()),
+            "line": pa.array(lines, pa.int64()),
+            "problem": pa.array(problems, pa.string()),
+            "length": pa.array(counts, pa.int32()),
+            "trained": pa.array(trained, pa.int32()),
+            "trained_cut": pa.array(trained_cut, pa.int32()),
+            "emptied": pa.array((counts > limit) & (trained_kept == 0)),
+            "stop_trained": pa.array(stop_trained),
+        }
+    )

@@ -36,7 +36,14 @@ from sftlab.data import arrowio
 from sftlab.data import audit as audits
 from sftlab.data.cache import cache_key, default_cache_dir, load_entry, publish, work_directory, write_entry
 from sftlab.data.formats import (
-    BAD_EXAMPLE, USABLE, Example, batch_examples, check_template, detect_format, normalize_batch, normalized_features,
+    BAD_EXAMPLE,
+    USABLE,
+    Example,
+    batch_examples,
+    check_template,
+    detect_format,
+    normalize_batch,
+    normalized_features,
     sample_columns,
 )
 from sftlab.data.masks import stop_token_ids, tokenize_batch, tokenized_features
@@ -67,12 +74,21 @@ class PreparedData:
 def preparation_settings(training: dict[str, Any]) -> dict[str, Any]:
     """What a run's `training` section decides about its data: the loss masks, the seed of the
     eval split and the mixing, the cut. Training and evaluation prepare data with the same."""
-    return {"assistant_only_loss": bool(training.get("assistant_only_loss", True)), "seed": training.get("seed", 42),
-            "max_length": training.get("max_length")}
+    return {
+        "assistant_only_loss": bool(training.get("assistant_only_loss", True)),
+        "seed": training.get("seed", 42),
+        "max_length": training.get("max_length"),
+    }
 
 
-def prepare_data(cfg: DataConfig, tokenizer, assistant_only_loss: bool = True, seed: int = 42,
-                 max_length: int | None = None, cache_dir: Path | None = None) -> PreparedData:
+def prepare_data(
+    cfg: DataConfig,
+    tokenizer,
+    assistant_only_loss: bool = True,
+    seed: int = 42,
+    max_length: int | None = None,
+    cache_dir: Path | None = None,
+) -> PreparedData:
     """Load, audit, split and tokenize train and eval data. Raises DataError when training cannot go ahead."""
     cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
     key = cache_key(cfg, tokenizer, assistant_only_loss, seed, max_length)
@@ -105,8 +121,16 @@ class _Rows:
 
 
 class _Preparation:
-    def __init__(self, cfg: DataConfig, tokenizer, assistant_only_loss: bool, seed: int, max_length: int | None,
-                 work: Path, key: str):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer,
+        assistant_only_loss: bool,
+        seed: int,
+        max_length: int | None,
+        work: Path,
+        key: str,
+    ):
         self.cfg, self.tokenizer, self.assistant_only_loss = cfg, tokenizer, assistant_only_loss
         self.seed, self.max_length, self.work, self.key = seed, max_length, work, key
         self.collector = Collector(cfg.on_error)
@@ -125,7 +149,9 @@ class _Preparation:
             train_parts.append((source, self._normalize(records)))
             if records.own_eval is not None:
                 own_eval.append((None, self._normalize(records.own_eval, " (its eval split)")))
-        eval_parts = [(None, self._normalize(read_source(s, self.collector, self.work))) for s in source_list(self.cfg.eval)]
+        eval_parts = [
+            (None, self._normalize(read_source(s, self.collector, self.work))) for s in source_list(self.cfg.eval)
+        ]
         train = _combine(train_parts)
         evaluation = _combine(eval_parts if self.cfg.eval else own_eval)
 
@@ -156,8 +182,9 @@ class _Preparation:
         train_examples = arrowio.write_taken(train.files, train.usable[train_order], self.work / "train-examples.arrow")
         eval_examples = None
         if len(eval_kept):
-            eval_examples = arrowio.write_taken(evaluation.files, evaluation.usable[eval_kept],
-                                                self.work / "eval-examples.arrow")
+            eval_examples = arrowio.write_taken(
+                evaluation.files, evaluation.usable[eval_kept], self.work / "eval-examples.arrow"
+            )
         sample = random.Random(self.seed).sample(range(len(train_order)), min(TRAIN_SAMPLE_SIZE, len(train_order)))
         sampled = arrowio.read_table(train.files).take(train.usable[train_order[sample]])
         train_sample = batch_examples(sampled.to_pydict(), self.labels)
@@ -166,21 +193,38 @@ class _Preparation:
         stops = stop_token_ids(self.tokenizer)
         train_files, train_counts, first = self._tokenize(train_examples, len(train_order), "train", stops)
         if not train_counts.rows:
-            raise DataError("no training row could be rendered with the model's chat template",
-                            hint=_why_empty(self.collector))
+            raise DataError(
+                "no training row could be rendered with the model's chat template", hint=_why_empty(self.collector)
+            )
         eval_files, eval_counts = None, None
         if eval_examples is not None:
             eval_files, eval_counts, _ = self._tokenize(eval_examples, len(eval_kept), "eval", stops)
 
-        shown = [audits.marked_example(self.tokenizer, self.labels[source], line, ids, mask) for source, line, ids, mask
-                 in zip(first["source"], first["line"], first["input_ids"], first["assistant_masks"])]
+        shown = [
+            audits.marked_example(self.tokenizer, self.labels[source], line, ids, mask)
+            for source, line, ids, mask in zip(
+                first["source"], first["line"], first["input_ids"], first["assistant_masks"]
+            )
+        ]
         audit = audits.build_audit(
-            train_counts, eval_counts.rows if eval_counts else 0, eval_counts.tokens if eval_counts else 0, shown,
-            self.formats, self.counts, self.collector, duplicates, leaked, self.max_length, self.cfg,
+            train_counts,
+            eval_counts.rows if eval_counts else 0,
+            eval_counts.tokens if eval_counts else 0,
+            shown,
+            self.formats,
+            self.counts,
+            self.collector,
+            duplicates,
+            leaked,
+            self.max_length,
+            self.cfg,
             self.assistant_only_loss,
         )
-        files = {"train": train_files, "eval": eval_files,
-                 "eval_examples": [str(eval_examples)] if eval_examples is not None else None}
+        files = {
+            "train": train_files,
+            "eval": eval_files,
+            "eval_examples": [str(eval_examples)] if eval_examples is not None else None,
+        }
         write_entry(self.work, files, self.labels, audit, train_sample)
 
     # ----------------------------------------------------------------------- stages
@@ -195,7 +239,9 @@ class _Preparation:
         if not records.rows:
             if not (self.collector.problems or self.collector.dropped):
                 raise DataError(f"{label}: no rows", hint="the file holds no records")
-            empty = arrowio.StreamWriter(self.work / f"normalized-{source_id}.arrow", normalized_features().arrow_schema)
+            empty = arrowio.StreamWriter(
+                self.work / f"normalized-{source_id}.arrow", normalized_features().arrow_schema
+            )
             empty.close()
             return _Rows([str(empty.path)], *(np.zeros(0, np.int64) for _ in range(3)))
         fmt = self.cfg.format or ("template" if self.cfg.template else None)
@@ -203,17 +249,30 @@ class _Preparation:
             columns, first_line = sample_columns(records, self.cfg.max_example_chars)
             fmt = detect_format(columns) if columns else "text"  # no usable row: every row is a problem anyway
             if fmt is None:
-                raise DataError(f"{records.label}:{first_line}: cannot tell the data format from the columns "
-                                f"({', '.join(sorted(map(str, columns)))})",
-                                hint="set data.format (messages, sharegpt, alpaca, prompt_completion, text) or data.template")
+                raise DataError(
+                    f"{records.label}:{first_line}: cannot tell the data format from the columns "
+                    f"({', '.join(sorted(map(str, columns)))})",
+                    hint="set data.format (messages, sharegpt, alpaca, prompt_completion, text) or data.template",
+                )
         if fmt == "template":
             check_template(self.cfg.template)
         files = arrowio.apply(
-            records.data, normalize_batch, self.work / f"normalized-{source_id}.arrow", normalized_features(),
-            {"raw": records.raw, "fmt": fmt, "template": self.cfg.template, "max_chars": self.cfg.max_example_chars,
-             "label": records.label, "source_id": source_id},
-            batch_size=NORMALIZE_BATCH, processes=self._processes(records.rows, NORMALIZE_ROWS_PER_PROCESS),
-            fingerprint=self._fingerprint(f"normalized-{source_id}"), description=f"Normalizing {label}",
+            records.data,
+            normalize_batch,
+            self.work / f"normalized-{source_id}.arrow",
+            normalized_features(),
+            {
+                "raw": records.raw,
+                "fmt": fmt,
+                "template": self.cfg.template,
+                "max_chars": self.cfg.max_example_chars,
+                "label": records.label,
+                "source_id": source_id,
+            },
+            batch_size=NORMALIZE_BATCH,
+            processes=self._processes(records.rows, NORMALIZE_ROWS_PER_PROCESS),
+            fingerprint=self._fingerprint(f"normalized-{source_id}"),
+            description=f"Normalizing {label}",
             with_indices=True,
         )
         table = arrowio.read_table(files)
@@ -248,13 +307,22 @@ class _Preparation:
                 self.collector.drop(kind, count)
         for position, is_exact in zip(again[:DUPLICATE_EXAMPLES], exact[:DUPLICATE_EXAMPLES]):
             if len(duplicates["examples"]) < DUPLICATE_EXAMPLES:
-                duplicates["examples"].append({"kind": "exact" if is_exact else "near",
-                                               "first": self._where(rows, first[position]),
-                                               "again": self._where(rows, position)})
+                duplicates["examples"].append(
+                    {
+                        "kind": "exact" if is_exact else "near",
+                        "first": self._where(rows, first[position]),
+                        "again": self._where(rows, position),
+                    }
+                )
         return np.flatnonzero(first == everything)
 
     def _where(self, rows: _Rows, position) -> str:
-        row = arrowio.read_table(rows.files).select(["source", "line"]).slice(int(rows.usable[position]), 1).to_pylist()[0]
+        row = (
+            arrowio.read_table(rows.files)
+            .select(["source", "line"])
+            .slice(int(rows.usable[position]), 1)
+            .to_pylist()[0]
+        )
         return f"{self.labels[row['source']]}:{row['line']}"
 
     def _weighted(self, rows: _Rows, kept, rng) -> Any:
@@ -273,15 +341,28 @@ class _Preparation:
         """Normalized examples -> tokenized rows (Arrow files), their counts and the first three rows;
         examples the template rejects go to the collector and out of the rows."""
         files = arrowio.apply(
-            examples, tokenize_batch, self.work / f"{split}.arrow", tokenized_features(),
-            {"tokenizer": self.tokenizer, "labels": self.labels, "assistant_only_loss": self.assistant_only_loss,
-             "max_length": self.max_length, "stop_ids": stops},
-            batch_size=TOKENIZE_BATCH, processes=self._processes(rows, TOKENIZE_ROWS_PER_PROCESS),
-            fingerprint=self._fingerprint(split), description=f"Tokenizing {split} data", with_rank=True,
+            examples,
+            tokenize_batch,
+            self.work / f"{split}.arrow",
+            tokenized_features(),
+            {
+                "tokenizer": self.tokenizer,
+                "labels": self.labels,
+                "assistant_only_loss": self.assistant_only_loss,
+                "max_length": self.max_length,
+                "stop_ids": stops,
+            },
+            batch_size=TOKENIZE_BATCH,
+            processes=self._processes(rows, TOKENIZE_ROWS_PER_PROCESS),
+            fingerprint=self._fingerprint(split),
+            description=f"Tokenizing {split} data",
+            with_rank=True,
         )
         table = arrowio.read_table(files)
         failed = table.column("problem").is_valid().to_numpy(zero_copy_only=False)
-        for (source, line), problem in zip(_where_failed(table, failed), table.column("problem").drop_null().to_pylist()):
+        for (source, line), problem in zip(
+            _where_failed(table, failed), table.column("problem").drop_null().to_pylist()
+        ):
             self.collector.bad_row(self.labels[source], line, problem)
         counts = audits.RowCounts.of(table, ~failed)
         if failed.any():
@@ -340,5 +421,7 @@ def _where_failed(table, failed) -> list[tuple[int, int]]:
 def _why_empty(collector: Collector) -> str:
     if not collector.dropped:
         return "the data holds no rows"
-    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(collector.dropped.items(), key=lambda kv: -kv[1]))
+    reasons = ", ".join(
+        f"{count} {reason}" for reason, count in sorted(collector.dropped.items(), key=lambda kv: -kv[1])
+    )
     return f"every row was dropped: {reasons}"

@@ -73,7 +73,9 @@ class Collector:
 
     def bad_row(self, file: str, line: int, message: str) -> None:
         if self.on_error == "fail":
-            raise DataError(f"{file}:{line}: {message}", hint="fix the row, or set data.on_error: skip to drop bad rows")
+            raise DataError(
+                f"{file}:{line}: {message}", hint="fix the row, or set data.on_error: skip to drop bad rows"
+            )
         if len(self.problems) < MAX_PROBLEMS_LISTED:
             self.problems.append(Problem(file, line, message))
         self.drop(reason_category(message))
@@ -127,7 +129,9 @@ def read_source(source: SourceConfig, collector: Collector, workdir: Path) -> Re
     if path.is_file():
         return _read_file(path, collector, workdir)
     if source.path.startswith((".", "/", "~")) or path.suffix.lower() in FILE_SUFFIXES or source.path.count("/") > 1:
-        raise DataError(f"data file not found: {source.path}", hint="relative paths start from the directory you run sftlab in")
+        raise DataError(
+            f"data file not found: {source.path}", hint="relative paths start from the directory you run sftlab in"
+        )
     return _read_hub_dataset(source)
 
 
@@ -163,8 +167,10 @@ def _read_file(path: Path, collector: Collector, workdir: Path) -> Records:
             else:
                 _write_delimited(path, opener, writer, collector, "\t" if kind == ".tsv" else ",")
         except _decompression_errors() as exc:  # a damaged or truncated compressed file
-            raise DataError(f"{path}: cannot read the {compression or 'file'} data: {exc}",
-                            hint="check that the file is complete (re-download or re-compress it)") from None
+            raise DataError(
+                f"{path}: cannot read the {compression or 'file'} data: {exc}",
+                hint="check that the file is complete (re-download or re-compress it)",
+            ) from None
     return Records(str(path), target, writer.count, raw=True)
 
 
@@ -177,7 +183,9 @@ def _opener(path: Path, compression: str | None) -> Callable[[], BinaryIO]:
         try:
             import zstandard
         except ImportError:  # pragma: no cover - a dependency of sftlab
-            raise DataError(f"{path}: reading .zst files needs the zstandard package", hint="pip install zstandard") from None
+            raise DataError(
+                f"{path}: reading .zst files needs the zstandard package", hint="pip install zstandard"
+            ) from None
         # Buffered: the decompressing reader itself cannot iterate lines.
         return lambda: io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True))
     return lambda: path.open("rb")
@@ -223,8 +231,10 @@ class _RecordWriter:
 
     def flush(self) -> None:
         if self.lines:
-            batch = self.pa.record_batch([self.pa.array(self.lines, self.pa.int64()), self.pa.array(self.raws, self.pa.binary())],
-                                         schema=self.schema)
+            batch = self.pa.record_batch(
+                [self.pa.array(self.lines, self.pa.int64()), self.pa.array(self.raws, self.pa.binary())],
+                schema=self.schema,
+            )
             self.writer.write_batch(batch)
         self.lines, self.raws, self.size = [], [], 0
 
@@ -280,15 +290,19 @@ def _write_json_document(path: Path, opener, writer: _RecordWriter, collector: C
     try:
         document = json.loads(_read_whole_text(path, opener))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}",
-                        hint="a .json file holds one array of records; use .jsonl for one record per line") from None
+        raise DataError(
+            f"{path}:{exc.lineno}: invalid JSON: {exc.msg}",
+            hint="a .json file holds one array of records; use .jsonl for one record per line",
+        ) from None
     except RecursionError:
         raise DataError(f"{path}: invalid JSON: nested too deeply") from None
     if isinstance(document, dict):
         lists = [value for value in document.values() if isinstance(value, list)]
         if len(lists) != 1:
-            raise DataError(f"{path}: expected an array of records, or an object holding exactly one list",
-                            hint=f"this object has {len(lists)} lists")
+            raise DataError(
+                f"{path}: expected an array of records, or an object holding exactly one list",
+                hint=f"this object has {len(lists)} lists",
+            )
         document = lists[0]
     if not isinstance(document, list):
         raise DataError(f"{path}: expected an array of records, got {type(document).__name__}")
@@ -322,8 +336,9 @@ def _write_delimited(path: Path, opener, writer: _RecordWriter, collector: Colle
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
         except UnicodeDecodeError:
-            raise DataError(f"{path}:{_first_invalid_utf8_line(opener)}: invalid UTF-8",
-                            hint="re-save the file as UTF-8") from None
+            raise DataError(
+                f"{path}:{_first_invalid_utf8_line(opener)}: invalid UTF-8", hint="re-save the file as UTF-8"
+            ) from None
 
 
 def _first_invalid_utf8_line(opener) -> int:
@@ -366,7 +381,9 @@ def _split_dataset_dict(loaded, label: str, source: SourceConfig) -> Records:
     """Pick the train split of a DatasetDict, and its own eval split when it has one."""
     if source.split:
         if source.split not in loaded:
-            raise DataError(f"{label}: no split {source.split!r} (has {', '.join(loaded)})", hint="set the source's split")
+            raise DataError(
+                f"{label}: no split {source.split!r} (has {', '.join(loaded)})", hint="set the source's split"
+            )
         return _dataset_records(f"{label}[{source.split}]", loaded[source.split])
     train_name = "train" if "train" in loaded else next(iter(loaded))
     eval_name = next((name for name in EVAL_SPLIT_NAMES if name in loaded and name != train_name), None)
@@ -380,7 +397,9 @@ def _read_saved_dataset(path: Path, source: SourceConfig) -> Records:
     try:
         loaded = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as exc:
-        raise DataError(f"{path}: not a directory written by datasets' save_to_disk ({str(exc).splitlines()[0]})") from None
+        raise DataError(
+            f"{path}: not a directory written by datasets' save_to_disk ({str(exc).splitlines()[0]})"
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         return _split_dataset_dict(loaded, str(path), source)
     return _dataset_records(str(path), loaded)
@@ -394,8 +413,10 @@ def _read_hub_dataset(source: SourceConfig) -> Records:
         # Only the asked-for split when there is one: hub datasets can be large.
         loaded = datasets.load_dataset(source.path, source.name, split=source.split)
     except Exception as exc:  # the hub client raises many types: offline, missing repo, missing config...
-        raise DataError(f"cannot load dataset {source.path!r} (config {source.name}): {str(exc).strip().splitlines()[0]}",
-                        hint="check the path or hub id; with HF_HUB_OFFLINE=1 only cached datasets load") from None
+        raise DataError(
+            f"cannot load dataset {source.path!r} (config {source.name}): {str(exc).strip().splitlines()[0]}",
+            hint="check the path or hub id; with HF_HUB_OFFLINE=1 only cached datasets load",
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         return _split_dataset_dict(loaded, source.path, source)
     return _dataset_records(f"{source.path}[{source.split}]", loaded)
