@@ -111,7 +111,7 @@ def prepare_data(
 
 @dataclass
 class _Rows:
-    """Normalized rows of one or more sources (a memory-mapped Arrow table), and numpy arrays over the usable ones."""
+    """Normalized rows of one or more sources (Arrow files), and numpy arrays over the usable ones."""
 
     files: list[str]  # Arrow files of normalized rows (formats.normalized_features), in order
     usable: Any  # positions of the usable rows in the files' rows
