@@ -280,20 +280,27 @@ def _question(example) -> str:
 
 
 def trained_responses(tokenizer, rows, seed: int = 42) -> list[str]:
-    """The text of every trained span (the responses) of the prepared training rows."""
-    spans = []
-    for ids, mask in zip(rows["input_ids"], rows["assistant_masks"]):
-        start = None
-        for position, bit in enumerate([*mask, 0]):
-            if bit and start is None:
-                start = position
-            elif not bit and start is not None:
-                spans.append(ids[start:position])
-                start = None
-    if len(spans) > MEMORIZATION_MAX_RESPONSES:
-        spans = random.Random(seed).sample(spans, MEMORIZATION_MAX_RESPONSES)
-    texts = tokenizer.batch_decode(spans, skip_special_tokens=True)
-    return list(dict.fromkeys(text.strip() for text in texts if text.strip()))
+    """The text of the trained spans (the responses) of the prepared training rows.
+
+    Bounded for large data: at most MEMORIZATION_MAX_RESPONSES rows (a seeded sample, in
+    order), read and decoded a batch at a time, and at most that many spans kept."""
+    if len(rows) > MEMORIZATION_MAX_RESPONSES:
+        rows = rows.select(sorted(random.Random(seed).sample(range(len(rows)), MEMORIZATION_MAX_RESPONSES)))
+    texts = []
+    for batch in rows.select_columns(["input_ids", "assistant_masks"]).iter(batch_size=1000):
+        spans = []
+        for ids, mask in zip(batch["input_ids"], batch["assistant_masks"]):
+            start = None
+            for position, bit in enumerate([*mask, 0]):
+                if bit and start is None:
+                    start = position
+                elif not bit and start is not None:
+                    spans.append(ids[start:position])
+                    start = None
+        texts += [text.strip() for text in tokenizer.batch_decode(spans, skip_special_tokens=True) if text.strip()]
+    if len(texts) > MEMORIZATION_MAX_RESPONSES:
+        texts = random.Random(seed).sample(texts, MEMORIZATION_MAX_RESPONSES)
+    return list(dict.fromkeys(texts))
 
 
 def retention_data(cfg: SftlabConfig, tokenizer):
