@@ -146,8 +146,8 @@ def test_the_card_has_front_matter_every_section_and_the_runs_numbers(tmp_path):
     assert positions == sorted(positions), "sections in the model card's order"
     for number in ("2,000 training examples", "31.2% of all tokens", "3 exact, 1 near-exact", "12 examples longer",
                    "| prompt | 5 | 20 | 40 | 90 | 21.5 |", "2 min 06 s", "15,000 (the response tokens",
-                   "| held-out loss (trained tokens) | 2.5000 | 1.2000 | -1.3 (better) |",
-                   "| answers that follow eval.format | 20.0% | 95.0% | +75.0 pts (better) |",
+                   "| held-out loss (trained tokens) | 2.5000 | 1.2000 | -1.3000 (better) |",
+                   "| format adherence (eval.format) | 20.0% | 95.0% | +75.0 pts (better) |",
                    "| learning_rate | 0.0001 |", "| effective batch (rows per optimizer step) | 8 |",
                    "- torch: 9.9.9-recorded", "recorded at training time"):
         assert number in card, number
@@ -368,10 +368,12 @@ def test_a_trained_run_documents_itself(tmp_path, tiny_model):
     assert "Status: complete: trained 6 of 6 steps" in body and run_info["plan"]["steps"] == 6
     assert f"- torch: {run_info['versions']['torch']}" in body and "recorded at training time" in body
     assert "device cpu" in body
-    before, after = (json.loads((run / "eval" / name).read_text()) for name in ("before.json", "after.json"))
-    assert (f"| held-out loss (trained tokens) | {before['loss']['loss']:.4f} | {after['loss']['loss']:.4f} |"
-            in body)
-    assert f"| answers that end their turn | {before['adherence']['chat']:.1%} | {after['adherence']['chat']:.1%} |" in body
+    before, prompted, after = (json.loads((run / "eval" / name).read_text())
+                               for name in ("before.json", "prompted.json", "after.json"))
+    assert (f"| held-out loss (trained tokens) | {before['loss']['loss']:.4f} | {prompted['loss']['loss']:.4f} "
+            f"| {after['loss']['loss']:.4f} |" in body)
+    assert (f"| chat adherence (ends turn, no leaks) | {before['adherence']['chat']:.1%} "
+            f"| {prompted['adherence']['chat']:.1%} | {after['adherence']['chat']:.1%} |" in body)
 
     # The usage snippet runs as written.
     snippet = re.search(r"```python\n(.*?)```", body, flags=re.DOTALL).group(1)

@@ -139,7 +139,8 @@ def test_eval_samples_and_notes_show_data_literally():
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, color_system="truecolor", width=10_000)
     after = {"num_prompts": 1, "max_new_tokens": 8, "retention": {"source": f"{text}.txt"}}
-    print_comparison(None, after, [{"prompt": text, "reference": text, "tuned_output": f"{text}\n{text}"}], console)
+    print_comparison({"base": None, "tuned": after},
+                     [{"prompt": text, "reference": text, "tuned_output": f"{text}\n{text}"}], console=console)
     print_note(f"resuming from {text}", console, warning=True)
     ProgressBar(console).say(("overfitting", "yellow"), f": {text}")
     output = RICH_STYLE.sub("", out.getvalue())
@@ -203,6 +204,7 @@ def test_sftlab_check_of_hostile_data_on_a_mistral_template_exits_0_showing_it_l
     assert "Traceback" not in result.stderr and "MarkupError" not in result.stderr
     output = RICH_STYLE.sub("", result.stdout)
     assert not any(unsafe(character, multiline=True) for character in output)
-    assert visible(f"[INST] Question 0 {hostile} [/INST]") in output
-    assert "⟦Answer 0 [/INST] \\x9b31m" in output
+    # (which rows are shown depends on the seeded eval split: any training row will do)
+    assert any(visible(f"[INST] Question {i} {hostile} [/INST]") in output
+               and f"⟦Answer {i} [/INST] \\x9b31m" in output for i in range(12))
     assert visible(f"{data}: messages, 12 of 12 rows usable") in output

@@ -248,7 +248,9 @@ def _print_audit(audit: dict) -> None:
 
     from sftlab.terminal import literal
 
-    console = Console(highlight=False)
+    # soft_wrap: a line quoting data (a path, a problem, an example) is never broken by rich; the terminal
+    # wraps it, so what is copied from the screen is what is in the file.
+    console = Console(highlight=False, soft_wrap=True)
     splits = audit["splits"]
     train, held_out = splits["train"], splits["eval"]
     cached = "   (cached)" if audit.get("cached") else ""

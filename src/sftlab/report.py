@@ -910,13 +910,18 @@ def _card_results(run: Run) -> str:
     setup = evaluation_setup(run)
     if setup:
         lines += [f"Evaluated on {_md(setup)}.", ""]
-    lines += ["| metric | base model (before) | prompted base model | fine-tuned (after) | change vs base | "
-              "change vs prompted |", "|---|---|---|---|---|---|"]
+    # Runs evaluated without the prompted baseline (eval.prompted_baseline: false, or older runs) get the
+    # two-model table rather than a column of n/a.
+    prompted = run.prompted is not None
+    header = (["metric", "base model (before)"] + (["prompted base model"] if prompted else [])
+              + ["fine-tuned (after)", "change vs base"] + (["change vs prompted"] if prompted else []))
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         label = f"**{row['label']}** (primary)" if row["primary"] else row["label"]
         changes = [row[key] + (f" ({row[key.replace('change', 'verdict')]})" if row[key.replace("change", "verdict")]
-                               else "") for key in ("change", "change_prompted")]
-        lines.append(f"| {label} | {row['before']} | {row['prompted']} | {row['after']} | {changes[0]} | {changes[1]} |")
+                               else "") for key in (("change", "change_prompted") if prompted else ("change",))]
+        cells = [label, row["before"]] + ([row["prompted"]] if prompted else []) + [row["after"], *changes]
+        lines.append("| " + " | ".join(cells) + " |")
     if run.verdict:
         lines += ["", f"Verdict on the primary metric: {_md(run.verdict['headline'])}."]
         lines += [f"- {_md(reason)}" for reason in run.verdict["reasons"]]
