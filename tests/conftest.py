@@ -23,6 +23,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Prepared-data cache in a private folder: tests never read a cache another run left behind.
 os.environ["SFTLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="sftlab-test-cache-")
+# Under pytest-xdist (`-n 2`, one worker per core) each worker, and the processes it starts,
+# computes on one thread: two workers with two threads each would fight over two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Property tests explore at random while iterating, but in CI (CI=true) every run draws the
 # same examples: a random example cannot fail a submission that did not cause it.
