@@ -237,6 +237,8 @@ def test_check_trains_a_stop_for_a_template_without_an_end_of_turn_marker(shared
         audit = prepare_data(DataConfig(train=str(data), eval_split=0), tokenizer).audit
     assert audit["end_of_turn_untrained"] == 0
     assert not [warning for warning in audit["warnings"] if "end-of-turn" in warning]
+    # The next role marker ends the first turn, EOS the last: both are stops of GLM's generation config.
+    assert audit["stop"] == [{"token": "<|endoftext|>", "examples": 6}, {"token": "<|user|>", "examples": 6}]
 
 
 @pytest.mark.parametrize("name", list(NEEDS_TOOLS))
@@ -307,4 +309,10 @@ def test_check_on_each_template_is_an_audit_or_one_message_never_a_traceback(sha
             return
     _print_audit(audit)
     assert audit["splits"]["train"]["rows"] >= 6  # one example per row, or per turn where the history is rewritten
-    assert capsys.readouterr().out.endswith("ok: training can go ahead\n")
+    output = capsys.readouterr().out
+    assert output.endswith("ok: training can go ahead\n")
+    # Every example trains a stop, each one the token that ends the case's turn, and check says which.
+    trained = [stop["token"] for stop in audit["stop"]]
+    assert audit["end_of_turn_untrained"] == 0 and trained
+    assert all(any(stop.endswith(token) for stop in ALL[name].stops) for token in trained), trained
+    assert f"stop trained: {trained[0]} in " in output

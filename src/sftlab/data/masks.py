@@ -10,12 +10,19 @@ Trade-offs:
   prefixes, not from `{% generation %}` markers, which most shipped templates lack. This
   works for any template, at the cost of rendering each conversation once per turn
   (rendering is a small share of the time next to tokenizing).
+- A turn's span starts after its generation prompt (and after the empty think block a
+  no-think generation prompt holds) and ends after the template's end-of-turn marker, as
+  probed in templates.py: text a template writes only after the last message belongs to
+  no turn, so it neither is trained nor breaks prefix preservation. Templates that write
+  no end-of-turn marker (GLM-4.x) train the next role marker, or EOS after the last turn.
 - Templates that rewrite earlier turns (DeepSeek-R1-Distill drops the reasoning of every
   assistant turn) are not prefix-preserving: no single rendering shows each turn as the
-  model sees it at inference. Such conversations become one example per assistant turn:
-  the history rendered by the template, then the generation prompt, then the raw
-  response and the end-of-turn marker, trained on that response only. This matches
-  inference exactly and costs more tokens.
+  model sees it at inference; nor are those where a rendering through a turn does not
+  begin with its generation prompt (Mistral Nemo shows the system prompt only in the last
+  user message). Such conversations become one example per assistant turn: the history
+  rendered by the template, then the generation prompt, then the raw response and the
+  end-of-turn marker, trained on that response only. This matches inference exactly and
+  costs more tokens.
 - Raw text (`text`, `template`, prompt/completion strings) is not passed through the chat
   template, as in TRL; the EOS token is appended so the model learns to stop.
 - Tokenizing goes straight to the fast tokenizer's backend in batches (what the
@@ -305,6 +312,7 @@ def tokenized_features():
             "trained_cut": count,
             "emptied": datasets.Value("bool"),
             "stop_trained": datasets.Value("bool"),
+            "stops": count,  # bit k set: the row trains stop_ids[k]
         }
     )
 
@@ -324,7 +332,8 @@ def tokenize_batch(
     Besides `input_ids` and `assistant_masks` (all ones unless assistant_only_loss), each row
     carries what the audit counts, from the response masks: its length, its trained tokens,
     those past max_length, whether max_length leaves it nothing to train, whether it trains a
-    stop token. An example the template rejects becomes one empty row with its `problem`.
+    stop token and which (`stops`, a bit per stop_ids entry). An example the template rejects
+    becomes one empty row with its `problem`.
     """
     import numpy as np
     import pyarrow as pa
@@ -358,7 +367,9 @@ def tokenize_batch(
     limit = max_length if max_length else np.iinfo(np.int64).max
     trained_cut = per_row(mask * (position >= limit))
     trained_kept = per_row(mask * (position < limit))
-    stop_trained = per_row(mask * np.isin(flat_ids, np.asarray(stop_ids, dtype=np.int64))) > 0
+    stops = np.zeros(len(counts), dtype=np.int64)
+    for bit, stop_id in enumerate(stop_ids):
+        stops |= (per_row(mask * (flat_ids == stop_id)) > 0).astype(np.int64) << bit
     offsets = pa.array(starts, pa.int32())
     out_mask = mask if assistant_only_loss else np.ones_like(mask)
     return pa.table(
@@ -372,6 +383,7 @@ def tokenize_batch(
             "trained": pa.array(trained, pa.int32()),
             "trained_cut": pa.array(trained_cut, pa.int32()),
             "emptied": pa.array((counts > limit) & (trained_kept == 0)),
-            "stop_trained": pa.array(stop_trained),
+            "stop_trained": pa.array(stops > 0),
+            "stops": pa.array(stops, pa.int32()),
         }
     )

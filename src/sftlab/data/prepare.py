@@ -220,6 +220,7 @@ class _Preparation:
             self.max_length,
             self.cfg,
             self.assistant_only_loss,
+            stop_tokens=[self.tokenizer.decode([stop]) for stop in stops],
         )
         files = {
             "train": train_files,

@@ -38,8 +38,12 @@ from sftlab.data.sources import BadRow
 SENTINEL = "\ue000sftlab-response\ue001"  # private-use characters: no template or text contains them
 NEXT_SENTINEL = "\ue000sftlab-next\ue001"
 PROBE = [{"role": "user", "content": "hi"}]
-PROBE_TOOLS = [{"type": "function", "function": {"name": "probe", "description": "A probe.",
-                                                  "parameters": {"type": "object", "properties": {}}}}]
+PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "probe", "description": "A probe.", "parameters": {"type": "object", "properties": {}}},
+    }
+]
 NEEDS_TOOLS = "the chat template renders no conversation without tools"
 
 
@@ -67,7 +71,8 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
         raise TemplateRejected(TemplateRejected.PREFIX + reason) from None
 
 
-_pinned: dict[str, Any] = {"template": None, "moment": None}  # the template being rendered, and its date
+# The template being rendered, whether it prints the date, and the date it prints.
+_pinned: dict[str, Any] = {"template": None, "dated": False, "moment": None}
 
 
 @contextmanager
@@ -79,8 +84,8 @@ def _run_clock(tokenizer):
     template), and a rendering with another template starts over."""
     template = tokenizer.chat_template
     if template is not _pinned["template"] and template != _pinned["template"]:
-        _pinned.update(template=template, moment=None)
-    if "strftime_now" not in str(template):
+        _pinned.update(template=template, dated="strftime_now" in str(template), moment=None)
+    if not _pinned["dated"]:
         yield
         return
     import transformers.utils.chat_template_utils as jinja_side
@@ -115,15 +120,20 @@ class TurnEnd:
 
 
 _TURN_ENDS: dict[tuple, TurnEnd] = {}  # by template, special tokens and vocabulary size
+_LAST: list = [None, None, None]  # the tokenizer, template and EOS last asked about, and their TurnEnd
 
 
 def turn_end(tokenizer) -> TurnEnd:
     """The template's `TurnEnd`, probed once per template and special tokens."""
-    key = (str(tokenizer.chat_template), str(sorted(tokenizer.special_tokens_map.items(), key=str)), len(tokenizer))
+    template, eos = tokenizer.chat_template, tokenizer.eos_token
+    if _LAST[0] is tokenizer and _LAST[1] == (template, eos, tokenizer.bos_token):  # every turn of every row asks
+        return _LAST[2]
+    key = (str(template), str(sorted(tokenizer.special_tokens_map.items(), key=str)), len(tokenizer))
     if key not in _TURN_ENDS:
         if len(_TURN_ENDS) > 64:
             _TURN_ENDS.clear()
         _TURN_ENDS[key] = _turn_end_of(tokenizer)
+    _LAST[:] = [tokenizer, (template, eos, tokenizer.bos_token), _TURN_ENDS[key]]
     return _TURN_ENDS[key]
 
 
@@ -176,8 +186,9 @@ def end_of_turn_marker(tokenizer, history: list[dict], tools=None) -> str:
 def _next_role_marker(tokenizer) -> str | None:
     """The special token that opens the turn after an assistant response (GLM's '<|user|>')."""
     try:
-        followed = render(tokenizer, [*PROBE, {"role": "assistant", "content": SENTINEL},
-                                      {"role": "user", "content": NEXT_SENTINEL}])
+        followed = render(
+            tokenizer, [*PROBE, {"role": "assistant", "content": SENTINEL}, {"role": "user", "content": NEXT_SENTINEL}]
+        )
     except BadRow:
         return None
     if SENTINEL not in followed:
