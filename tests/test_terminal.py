@@ -108,18 +108,17 @@ def hostile_audit(text: str) -> dict:
 
 
 @pytest.mark.parametrize("colour", [True, False])
-def test_check_output_shows_data_literally(monkeypatch, capsys, colour):
+def test_check_output_shows_data_literally(colour):
+    from rich.console import Console
+
     from sftlab.cli import _print_audit
 
-    monkeypatch.setenv("COLUMNS", "10000")  # one record per line, unwrapped
-    if colour:
-        monkeypatch.setenv("FORCE_COLOR", "1")
-        monkeypatch.delenv("NO_COLOR", raising=False)
-    else:
-        monkeypatch.delenv("FORCE_COLOR", raising=False)
+    # An explicit console: rich's own terminal detection depends on the environment the suite runs in.
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=colour, width=10_000, highlight=False, soft_wrap=True)
     text = "".join(HOSTILE)
-    _print_audit(hostile_audit(text))
-    output = RICH_STYLE.sub("", capsys.readouterr().out)
+    _print_audit(hostile_audit(text), console)
+    output = RICH_STYLE.sub("", out.getvalue())
     assert not any(unsafe(character, multiline=True) for character in output)
     one_line = visible(text)
     assert f"data/{one_line}.jsonl: messages" in output and f"missing field '{one_line}'" in output

@@ -237,7 +237,7 @@ def _print_result(result) -> None:
         print(f"trained {result.global_step} steps; no final model: no checkpoint was saved before the run stopped")
 
 
-def _print_audit(audit: dict) -> None:
+def _print_audit(audit: dict, console=None) -> None:
     """The audit, short enough to read: what was loaded, what was wrong, what will be trained.
 
     Everything that came from the data (paths, problems, examples, warnings quoting rows) is printed through
@@ -250,7 +250,7 @@ def _print_audit(audit: dict) -> None:
 
     # soft_wrap: a line quoting data (a path, a problem, an example) is never broken by rich; the terminal
     # wraps it, so what is copied from the screen is what is in the file.
-    console = Console(highlight=False, soft_wrap=True)
+    console = console or Console(highlight=False, soft_wrap=True)
     splits = audit["splits"]
     train, held_out = splits["train"], splits["eval"]
     cached = "   (cached)" if audit.get("cached") else ""

@@ -39,6 +39,16 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 CONFIG_FILE = "config.yaml"  # the resolved config, written into each run directory
 
 
+def cache_root() -> Path | None:
+    """Where sftlab keeps what it can rebuild (prepared data, the converted embedded model):
+    `SFTLAB_CACHE_DIR`, else ~/.cache/sftlab; None when `SFTLAB_NO_CACHE` is set."""
+    import os
+
+    if os.environ.get("SFTLAB_NO_CACHE"):
+        return None
+    return Path(os.environ.get("SFTLAB_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "sftlab"))
+
+
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must never be silently ignored.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

