@@ -177,9 +177,9 @@ def using(tokenizer, case: Case):
         tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token = saved
 
 
-def trained_runs(tokenizer, messages: list[dict]) -> tuple[int, list[str]]:
+def trained_runs(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[int, list[str]]:
     """(examples the conversation became, the decoded runs of trained tokens in order)."""
-    rendered = render_example(tokenizer, Example(messages=messages))
+    rendered = render_example(tokenizer, Example(messages=messages, tools=tools))
     ids_list, masks = tokenize_rendered(tokenizer, rendered)
     runs = []
     for ids, mask in zip(ids_list, masks):
@@ -250,6 +250,17 @@ def test_a_template_that_needs_tools_gives_one_clear_message(shared_tokenizer, n
     with using(shared_tokenizer, NEEDS_TOOLS[name]) as tokenizer, pytest.raises(DataError) as raised:
         prepare_data(DataConfig(train=str(data), eval_split=0), tokenizer)
     assert "tools" in raised.value.message and "rows.jsonl:1" not in raised.value.message
+
+
+@pytest.mark.parametrize("name", list(NEEDS_TOOLS))
+def test_a_template_that_needs_tools_trains_rows_that_give_them(shared_tokenizer, name):
+    # How its turns end is probed with a tool list too: each answer and its stop, one example.
+    tools = [{"type": "function", "function": {"name": "add", "description": "Adds two numbers.", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}]
+    case = NEEDS_TOOLS[name]
+    with using(shared_tokenizer, case) as tokenizer:
+        pieces, runs = trained_runs(tokenizer, CONVERSATION, tools)
+    assert pieces == 1 and runs == [answer + stop for answer, stop in zip(ANSWERS, case.stops * 2)]
 
 
 def test_a_role_the_template_refuses_is_one_message_naming_the_row(shared_tokenizer, tmp_path, monkeypatch):

@@ -138,22 +138,26 @@ def turn_end(tokenizer) -> TurnEnd:
 
 
 def _turn_end_of(tokenizer) -> TurnEnd:
-    try:
-        marker = end_of_turn_marker(tokenizer, PROBE)
-        no_think = _no_think_tail(tokenizer)
-    except BadRow:
+    for tools in (None, PROBE_TOOLS):  # a tool-use template renders the probes only with tools
+        try:
+            marker = end_of_turn_marker(tokenizer, PROBE, tools)
+            no_think = _no_think_tail(tokenizer, tools)
+            break
+        except BadRow:
+            continue
+    else:
         return TurnEnd(marker="", stop=tokenizer.eos_token, no_think="")
     eos = tokenizer.eos_token
     if marker.strip():
         return TurnEnd(marker, eos if eos and eos in marker else marker.strip(), no_think)
-    return TurnEnd(marker, _next_role_marker(tokenizer) or eos, no_think)
+    return TurnEnd(marker, _next_role_marker(tokenizer, tools) or eos, no_think)
 
 
-def _no_think_tail(tokenizer) -> str:
+def _no_think_tail(tokenizer, tools=None) -> str:
     """What the no-think generation prompt adds after the generation prompt's header (its empty think block)."""
-    history = render(tokenizer, PROBE)
-    prompt = render(tokenizer, PROBE, add_generation_prompt=True)
-    no_think = render(tokenizer, PROBE, add_generation_prompt=True, enable_thinking=False)
+    history = render(tokenizer, PROBE, tools=tools)
+    prompt = render(tokenizer, PROBE, add_generation_prompt=True, tools=tools)
+    no_think = render(tokenizer, PROBE, add_generation_prompt=True, tools=tools, enable_thinking=False)
     header = prompt[len(history) :] if prompt.startswith(history) else ""
     if no_think == prompt or not header.strip() or header not in no_think:
         return ""
@@ -183,12 +187,11 @@ def end_of_turn_marker(tokenizer, history: list[dict], tools=None) -> str:
     return after[: after.index(eos) + len(eos)] if eos and eos in after else after
 
 
-def _next_role_marker(tokenizer) -> str | None:
+def _next_role_marker(tokenizer, tools=None) -> str | None:
     """The special token that opens the turn after an assistant response (GLM's '<|user|>')."""
+    answered = [*PROBE, {"role": "assistant", "content": SENTINEL}, {"role": "user", "content": NEXT_SENTINEL}]
     try:
-        followed = render(
-            tokenizer, [*PROBE, {"role": "assistant", "content": SENTINEL}, {"role": "user", "content": NEXT_SENTINEL}]
-        )
+        followed = render(tokenizer, answered, tools=tools)
     except BadRow:
         return None
     if SENTINEL not in followed:
