@@ -113,6 +113,7 @@ class TurnEnd:
     # What the no-think generation prompt (enable_thinking=False) writes after the assistant header: Qwen3's
     # '<think>\n\n</think>\n\n', GLM's '\n<think></think>'; '' where it writes nothing more.
     no_think: str
+    needs_tools: bool = False  # it renders the probes only with tools (a tool-use template)
 
     @property
     def has_marker(self) -> bool:
@@ -138,26 +139,27 @@ def turn_end(tokenizer) -> TurnEnd:
 
 
 def _turn_end_of(tokenizer) -> TurnEnd:
+    eos = tokenizer.eos_token
     for tools in (None, PROBE_TOOLS):  # a tool-use template renders the probes only with tools
         try:
             marker = end_of_turn_marker(tokenizer, PROBE, tools)
-            no_think = _no_think_tail(tokenizer, tools)
             break
         except BadRow:
             continue
-    else:
-        return TurnEnd(marker="", stop=tokenizer.eos_token, no_think="")
-    eos = tokenizer.eos_token
-    if marker.strip():
-        return TurnEnd(marker, eos if eos and eos in marker else marker.strip(), no_think)
-    return TurnEnd(marker, _next_role_marker(tokenizer, tools) or eos, no_think)
+    else:  # the probes tell nothing: a turn ends where its rendering does, or at EOS if the template writes it
+        return TurnEnd(marker=eos or "", stop=eos, no_think="")
+    stop = (eos if eos and eos in marker else marker.strip()) if marker.strip() else _next_role_marker(tokenizer, tools)
+    return TurnEnd(marker, stop or eos, _no_think_tail(tokenizer, tools), needs_tools=tools is not None)
 
 
 def _no_think_tail(tokenizer, tools=None) -> str:
     """What the no-think generation prompt adds after the generation prompt's header (its empty think block)."""
-    history = render(tokenizer, PROBE, tools=tools)
-    prompt = render(tokenizer, PROBE, add_generation_prompt=True, tools=tools)
-    no_think = render(tokenizer, PROBE, add_generation_prompt=True, tools=tools, enable_thinking=False)
+    try:
+        history = render(tokenizer, PROBE, tools=tools)
+        prompt = render(tokenizer, PROBE, add_generation_prompt=True, tools=tools)
+        no_think = render(tokenizer, PROBE, add_generation_prompt=True, tools=tools, enable_thinking=False)
+    except BadRow:
+        return ""
     header = prompt[len(history) :] if prompt.startswith(history) else ""
     if no_think == prompt or not header.strip() or header not in no_think:
         return ""
@@ -216,16 +218,7 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 def needs_tools(tokenizer) -> bool:
     """Whether the template fails on a conversation without tools and renders it with them."""
-    try:
-        render(tokenizer, PROBE, add_generation_prompt=True)
-        return False
-    except BadRow:
-        pass
-    try:
-        render(tokenizer, PROBE, add_generation_prompt=True, tools=PROBE_TOOLS)
-        return True
-    except BadRow:
-        return False
+    return turn_end(tokenizer).needs_tools
 
 
 # =========================================================================== special tokens in rendered text
