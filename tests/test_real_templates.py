@@ -18,8 +18,8 @@ compared with what the model has to produce at inference:
 - templates that need tools give one clear message; templates that print today's date
   render the same text on another day.
 
-Cases sftlab gets wrong today are strict xfails with the reason "masks: issue 16 part 2"
-(the mask task turns them green); each says in `fails` which rule is missing.
+Cases sftlab got wrong before issue 16 part 2 say in `rule` what it got wrong and the
+general rule (not keyed on the template) that makes it right now.
 One tokenizer is shared by all cases: each case sets its template, BOS and EOS, then
 restores them.
 """
@@ -39,7 +39,6 @@ from sftlab.data import Example, cache_key, prepare_data, render_example, tokeni
 from sftlab.errors import DataError
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
-PART_2 = "masks: issue 16 part 2"
 
 SYSTEM = "You are a terse math tutor."
 TURNS = [("What is 2 plus 2?", "2 plus 2 is 4."), ("And 3 plus 3? Show the sum.", "3 plus 3 is 6:\n3 + 3 = 6")]
@@ -58,7 +57,7 @@ class Case:
     stops: tuple[str, ...]  # the one token sequence that ends an assistant turn (any of these)
     leads: tuple[str, ...] = ("",)  # what the model writes itself before the message, after its generation prompt
     pieces: int = 1  # examples the conversation becomes (more than 1 only where the template rewrites the history)
-    fails: str | None = None  # why sftlab trains the wrong tokens today: the rule the mask task must add
+    rule: str | None = None  # what sftlab got wrong before issue 16 part 2, and the rule that fixed it
 
 
 MISTRAL = ("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]",
@@ -76,16 +75,16 @@ COHERE = ("<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|
           "<|START_ACTION|>", "<|END_ACTION|>", "<|START_TOOL_RESULT|>", "<|END_TOOL_RESULT|>")
 # GLM-4.5/4.6 generation_config.json: eos_token_id = <|endoftext|>, <|user|>, <|observation|>.
 GLM_STOPS = ("<|user|>", "<|endoftext|>", "<|observation|>")
-GLM_FAILS = ("no end-of-turn marker: nothing after the answer is trained (the next role marker <|user|> or EOS "
-             "must be); the empty '<think></think>' the template writes before every answer is trained, though "
-             "the no-think generation prompt ('<|assistant|>\\n<think></think>') already holds it")
+GLM_RULE = ("no end-of-turn marker: nothing after the answer was trained; now the next role marker <|user|> "
+            "(EOS after the last turn) is. The empty '<think></think>' the template writes before every answer was "
+            "trained, though the no-think generation prompt ('<|assistant|>\\n<think></think>') already holds it")
 
 CASES = {
     # Mistral Nemo puts the system prompt into the last user message, so only generation prompts show it: the
     # rendering through a turn does not begin with that turn's generation prompt, and the history is rewritten.
     "mistral-nemo": Case("mistral-nemo-instruct-2407.jinja", "<s>", "</s>", ("<s>", "</s>", *MISTRAL), ("</s>",),
-                         pieces=2, fails="the span starts at the common prefix of prompt and rendering, inside the "
-                         "user's message ('What is 2 plus 2?[/INST]' is trained) and the system prompt is dropped: "
+                         pieces=2, rule="the span started at the common prefix of prompt and rendering, inside the "
+                         "user's message ('What is 2 plus 2?[/INST]' was trained) and the system prompt was dropped: "
                          "when the rendering through a turn does not begin with its generation prompt, render turn "
                          "by turn (prompt + answer + end marker)"),
     "mistral-small-3.1": Case("mistral-small-3.1-24b-instruct-2503.jinja", "<s>", "</s>",
@@ -95,24 +94,24 @@ CASES = {
     "qwen3": Case("qwen3-0.6b.jinja", None, "<|im_end|>", (*CHATML, *THINK), ("<|im_end|>",), pieces=2),
     "qwq": Case("qwq-32b.jinja", None, "<|im_end|>", (*CHATML, *THINK), ("<|im_end|>",)),
     # GLM: the model writes the newline after its no-think generation prompt '<|assistant|>\n<think></think>'.
-    "glm-4.5": Case("glm-4.5.jinja", None, "<|endoftext|>", GLM, GLM_STOPS, leads=("\n",), fails=GLM_FAILS),
-    "glm-4.6": Case("glm-4.6.jinja", None, "<|endoftext|>", GLM, GLM_STOPS, leads=("\n",), fails=GLM_FAILS),
+    "glm-4.5": Case("glm-4.5.jinja", None, "<|endoftext|>", GLM, GLM_STOPS, leads=("\n",), rule=GLM_RULE),
+    "glm-4.6": Case("glm-4.6.jinja", None, "<|endoftext|>", GLM, GLM_STOPS, leads=("\n",), rule=GLM_RULE),
     # Command-R7B: the generation prompt is '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>'; the model writes
     # <|START_RESPONSE|> itself (it may as well start a plan or an action).
     "command-r7b": Case("command-r7b-12-2024-tool_use.jinja", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", COHERE,
                         ("<|END_RESPONSE|><|END_OF_TURN_TOKEN|>",), leads=("<|START_RESPONSE|>",),
-                        fails="the template appends an open assistant header after every conversation, whatever "
-                        "add_generation_prompt says: that next header is trained, and the renderings are not "
-                        "prefix-preserving (one example per turn, without <|START_RESPONSE|>): strip a trailing "
-                        "generation prompt the template always writes before finding spans"),
+                        rule="the template appends an open assistant header after every conversation, whatever "
+                        "add_generation_prompt says: that next header was trained, and the renderings were not "
+                        "prefix-preserving (one example per turn, without <|START_RESPONSE|>): text written only "
+                        "after the last message belongs to no turn, and a turn ends at EOS"),
     "granite-3.3": Case("granite-3.3-2b-instruct.jinja", None, "<|end_of_text|>",
                         ("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>", "<|tool_call|>"),
                         ("<|end_of_text|>",)),
     "phi-3.5": Case("phi-3.5-mini-instruct.jinja", "<s>", "<|endoftext|>",
                     ("<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), ("<|end|>",),
-                    fails="the EOS the template appends after the whole conversation breaks prefix preservation "
-                    "(one example per turn) and '\\n<|endoftext|>' is trained after <|end|>: text written only "
-                    "after the last turn belongs to no turn; compare renderings without it"),
+                    rule="the EOS the template appends after the whole conversation broke prefix preservation "
+                    "(one example per turn) and '\\n<|endoftext|>' was trained after <|end|>: text written only "
+                    "after the last turn belongs to no turn; renderings are compared without it"),
     "smollm3": Case("smollm3-3b-unsloth.jinja", None, "<|im_end|>", (*CHATML, *THINK), ("<|im_end|>",)),
     "kimi-k2": Case("kimi-k2.jinja", None, "<|im_end|>",
                     ("<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>"),
@@ -152,9 +151,6 @@ DATED = {"llama-3.2": CONVERSATION, "granite-3.3": CONVERSATION[1:], "mistral-sm
 ALL = {**CASES, **NEEDS_TOOLS}
 
 
-def params(cases: dict[str, Case]) -> list:
-    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=PART_2) if case.fails else ())
-            for name, case in cases.items()]
 
 
 # =========================================================================== one tokenizer for all
@@ -181,9 +177,9 @@ def using(tokenizer, case: Case):
         tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token = saved
 
 
-def trained_runs(tokenizer, messages: list[dict]) -> tuple[int, list[str]]:
+def trained_runs(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[int, list[str]]:
     """(examples the conversation became, the decoded runs of trained tokens in order)."""
-    rendered = render_example(tokenizer, Example(messages=messages))
+    rendered = render_example(tokenizer, Example(messages=messages, tools=tools))
     ids_list, masks = tokenize_rendered(tokenizer, rendered)
     runs = []
     for ids, mask in zip(ids_list, masks):
@@ -214,7 +210,7 @@ def test_the_fixtures_are_the_collected_templates():
     assert all(f"`{file}`" in sources for file in files)  # every template has its source and licence listed
 
 
-@pytest.mark.parametrize("name", params(CASES))
+@pytest.mark.parametrize("name", list(CASES))
 def test_each_answer_and_the_stop_that_ends_its_turn_are_trained_and_nothing_else(shared_tokenizer, name):
     case = CASES[name]
     with using(shared_tokenizer, case) as tokenizer:
@@ -225,14 +221,14 @@ def test_each_answer_and_the_stop_that_ends_its_turn_are_trained_and_nothing_els
     assert pieces == case.pieces
 
 
-@pytest.mark.parametrize("name", params({name: CASES[name] for name in ("phi-3.5", "command-r7b")}))
+@pytest.mark.parametrize("name", ["phi-3.5", "command-r7b"])
 def test_text_after_the_whole_conversation_does_not_force_one_example_per_turn(shared_tokenizer, name):
     with using(shared_tokenizer, CASES[name]) as tokenizer:
         pieces, _ = trained_runs(tokenizer, CONVERSATION)
     assert pieces == 1
 
 
-@pytest.mark.parametrize("name", params({"glm-4.5": CASES["glm-4.5"]}))
+@pytest.mark.parametrize("name", ["glm-4.5"])
 def test_check_trains_a_stop_for_a_template_without_an_end_of_turn_marker(shared_tokenizer, name, tmp_path,
                                                                           monkeypatch):
     monkeypatch.setenv("SFTLAB_NO_CACHE", "1")
@@ -241,18 +237,30 @@ def test_check_trains_a_stop_for_a_template_without_an_end_of_turn_marker(shared
         audit = prepare_data(DataConfig(train=str(data), eval_split=0), tokenizer).audit
     assert audit["end_of_turn_untrained"] == 0
     assert not [warning for warning in audit["warnings"] if "end-of-turn" in warning]
+    # The next role marker ends the first turn, EOS the last: both are stops of GLM's generation config.
+    assert audit["stop"] == [{"token": "<|endoftext|>", "examples": 6}, {"token": "<|user|>", "examples": 6}]
 
 
-@pytest.mark.xfail(strict=True, reason=PART_2)
 @pytest.mark.parametrize("name", list(NEEDS_TOOLS))
 def test_a_template_that_needs_tools_gives_one_clear_message(shared_tokenizer, name, tmp_path, monkeypatch):
-    # Today: "rows.jsonl:1: chat template rejects this conversation: 'NoneType' object is not iterable", with the
-    # hint to fix the row. Needed: say once that the template renders no conversation without tools.
+    # Before: "rows.jsonl:1: chat template rejects this conversation: 'NoneType' object is not iterable", with the
+    # hint to fix the row. Now: one message, once, that the template renders no conversation without tools.
     monkeypatch.setenv("SFTLAB_NO_CACHE", "1")
     data = write_rows(tmp_path / "rows.jsonl", CONVERSATION, 4)
     with using(shared_tokenizer, NEEDS_TOOLS[name]) as tokenizer, pytest.raises(DataError) as raised:
         prepare_data(DataConfig(train=str(data), eval_split=0), tokenizer)
     assert "tools" in raised.value.message and "rows.jsonl:1" not in raised.value.message
+
+
+@pytest.mark.parametrize("name", list(NEEDS_TOOLS))
+def test_a_template_that_needs_tools_trains_rows_that_give_them(shared_tokenizer, name):
+    # How its turns end is probed with a tool list too: each answer and its stop, one example.
+    tools = [{"type": "function", "function": {"name": "add", "description": "Adds two numbers.", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}]
+    case = NEEDS_TOOLS[name]
+    with using(shared_tokenizer, case) as tokenizer:
+        pieces, runs = trained_runs(tokenizer, CONVERSATION, tools)
+    assert pieces == 1 and runs == [answer + stop for answer, stop in zip(ANSWERS, case.stops * 2)]
 
 
 def test_a_role_the_template_refuses_is_one_message_naming_the_row(shared_tokenizer, tmp_path, monkeypatch):
@@ -274,12 +282,11 @@ class FrozenClock(dt.datetime):
         return cls.day
 
 
-@pytest.mark.xfail(strict=True, reason=PART_2)
 @pytest.mark.parametrize("name", list(DATED))
 def test_a_template_that_prints_the_date_renders_the_same_text_on_another_day(shared_tokenizer, name, tmp_path,
                                                                               monkeypatch):
-    # Today the rendered system prompt carries the day it was rendered: data prepared (and cached) on one day and
-    # prompts rendered for evaluation or chat on the next differ. Needed: one date for the whole run.
+    # Before, the rendered system prompt carried the day it was rendered: data prepared (and cached) on one day and
+    # prompts rendered for evaluation or chat on the next differed. Now: one date for the whole run.
     import transformers.utils.chat_template_utils as chat_template_utils
 
     monkeypatch.setattr(chat_template_utils, "datetime", FrozenClock)
@@ -307,8 +314,16 @@ def test_check_on_each_template_is_an_audit_or_one_message_never_a_traceback(sha
         try:
             audit = prepare_data(DataConfig(train=str(data), eval_split=0), tokenizer).audit
         except DataError as error:
-            assert error.message.startswith(f"{data}:1: chat template rejects this conversation")
+            # One message: for the template where it needs tools, else for the first row it rejects.
+            expected = "renders no conversation without tools" if name in NEEDS_TOOLS else f"{data}:1: chat template"
+            assert expected in error.message and "\n" not in error.message
             return
     _print_audit(audit)
     assert audit["splits"]["train"]["rows"] >= 6  # one example per row, or per turn where the history is rewritten
-    assert capsys.readouterr().out.endswith("ok: training can go ahead\n")
+    output = capsys.readouterr().out
+    assert output.endswith("ok: training can go ahead\n")
+    # Every example trains a stop, each one the token that ends the case's turn, and check says which.
+    trained = [stop["token"] for stop in audit["stop"]]
+    assert audit["end_of_turn_untrained"] == 0 and trained
+    assert all(any(stop.endswith(token) for stop in ALL[name].stops) for token in trained), trained
+    assert f"stop trained: {trained[0]} in " in output

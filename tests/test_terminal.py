@@ -99,7 +99,7 @@ def hostile_audit(text: str) -> dict:
         "duplicates": {"examples": [{"kind": "exact", "again": f"{text}:3", "first": f"{text}:1"}]},
         "lengths": {"prompt": lengths, "response": lengths, "total": lengths},
         "truncation": {"max_length": 0},
-        "trained_tokens": 5, "trained_token_share": 0.5,
+        "trained_tokens": 5, "trained_token_share": 0.5, "stop": [{"token": f"<|{text}|>", "examples": 1}],
         "examples": [{"source": f"{text}.jsonl", "line": 1,
                       "segments": [{"text": f"[INST] {text} [/INST]", "trained": False},
                                    {"text": f"{text}\nline two", "trained": True}]}],
@@ -123,6 +123,7 @@ def test_check_output_shows_data_literally(colour):
     one_line = visible(text)
     assert f"data/{one_line}.jsonl: messages" in output and f"missing field '{one_line}'" in output
     assert f"[INST] {one_line} [/INST]" in output and "line two" in output
+    assert f"stop trained: <|{one_line}|> in 1 of 1 examples" in output
     assert ("⟦" in output) is not colour  # without colour the trained part is bracketed
 
 

@@ -280,6 +280,8 @@ def _print_audit(audit: dict, console=None) -> None:
         console.print(f"max_length {cut['max_length']}: {cut['examples_over']} examples longer, "
                       f"{cut['tokens_cut']:,} tokens cut ({cut['trained_tokens_cut']:,} trained)")
     console.print(f"trained tokens: {audit['trained_tokens']:,} ({audit['trained_token_share']:.1%})")
+    if "stop" in audit:  # what ends a turn, as trained (audits written before issue 16 lack it)
+        console.print(literal(f"stop trained: {_stops(audit['stop'], train['rows'])}"))
     for number, example in enumerate(audit["examples"], start=1):
         where = f"{example['source']}:{example['line']}"
         console.print(literal((f"example {number} ({where}), trained part in green:", "dim")))
@@ -289,6 +291,11 @@ def _print_audit(audit: dict, console=None) -> None:
     for error in audit["errors"]:
         console.print(literal(("error", "red"), f": {error}"))
     console.print("[green]ok: training can go ahead[/]" if audit["ok"] else "[red]training cannot go ahead[/]")
+
+
+def _stops(stops: list[dict], rows: int) -> str:
+    """'<|im_end|> in 6 of 6 examples': the tokens that end a turn, and how many examples train each."""
+    return ", ".join(f"{stop['token']} in {stop['examples']} of {rows} examples" for stop in stops) or "none"
 
 
 def _marked_segments(segments: list[dict], coloured: bool):

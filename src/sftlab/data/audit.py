@@ -2,9 +2,9 @@
 
 The tokenizing map writes, for every tokenized row, its length, its trained tokens, the
 trained tokens past `max_length`, whether `max_length` leaves it nothing to train and
-whether it trains a stop token (see masks.tokenize_batch). The audit is computed from
-those columns with numpy, so it costs a few bytes a row and never reads the tokens
-again, except for the three examples it shows.
+whether it trains a stop token, and which (see masks.tokenize_batch). The audit is
+computed from those columns with numpy, so it costs a few bytes a row and never reads
+the tokens again, except for the three examples it shows.
 
 Trade-off: the length statistics (min, median, p95, max, mean) are exact: sorting one
 integer array per statistic is cheap next to tokenizing, even for millions of rows.
@@ -12,6 +12,7 @@ integer array per statistic is cheap next to tokenizing, even for millions of ro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ class RowCounts:
     trained_cut: Any
     emptied: Any
     stop_trained: Any
+    stops: Any  # bit k set: the row trains the k-th stop token
 
     @classmethod
     def of(cls, table, keep) -> RowCounts:
@@ -57,6 +59,7 @@ def build_audit(
     max_length: int | None,
     cfg: DataConfig,
     assistant_only_loss: bool,
+    stop_tokens: Sequence[str] = (),
 ) -> dict[str, Any]:
     total_tokens = train.tokens
     response_tokens = int(train.trained.sum())
@@ -83,12 +86,23 @@ def build_audit(
         "trained_tokens": trained_tokens,
         # Rows that train no end-of-turn token: the model would never learn to stop.
         "end_of_turn_untrained": int((~train.stop_trained).sum()) if assistant_only_loss else 0,
+        # Which stop tokens the examples train (the end-of-turn token, EOS, GLM's next role marker), and in how many.
+        "stop": trained_stops(train, stop_tokens),
         "examples": examples,
         "warnings": [],
         "errors": [],
     }
     judge(audit, cfg, rows_in)
     return audit
+
+
+def trained_stops(train: RowCounts, stop_tokens: Sequence[str]) -> list[dict[str, Any]]:
+    """Each stop token that some examples train, with how many examples train it."""
+    import numpy as np
+
+    stops = np.asarray(train.stops, dtype=np.int64)
+    counts = [(token, int(((stops >> bit) & 1).sum())) for bit, token in enumerate(stop_tokens)]
+    return [{"token": token, "examples": count} for token, count in counts if count]
 
 
 def distribution(values) -> dict[str, float]:

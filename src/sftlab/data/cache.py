@@ -37,7 +37,7 @@ from sftlab.config import DataConfig, SourceConfig, cache_root
 from sftlab.data.formats import Example, ExampleSequence
 from sftlab.data.sources import source_list
 
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"  # 4: masks for real templates (issue 16), the `stops` column
 MANIFEST = "manifest.json"
 TRAINER_COLUMNS = ["input_ids", "assistant_masks"]
 

@@ -10,12 +10,19 @@ Trade-offs:
   prefixes, not from `{% generation %}` markers, which most shipped templates lack. This
   works for any template, at the cost of rendering each conversation once per turn
   (rendering is a small share of the time next to tokenizing).
+- A turn's span starts after its generation prompt (and after the empty think block a
+  no-think generation prompt holds) and ends after the template's end-of-turn marker, as
+  probed in templates.py: text a template writes only after the last message belongs to
+  no turn, so it neither is trained nor breaks prefix preservation. Templates that write
+  no end-of-turn marker (GLM-4.x) train the next role marker, or EOS after the last turn.
 - Templates that rewrite earlier turns (DeepSeek-R1-Distill drops the reasoning of every
   assistant turn) are not prefix-preserving: no single rendering shows each turn as the
-  model sees it at inference. Such conversations become one example per assistant turn:
-  the history rendered by the template, then the generation prompt, then the raw
-  response and the end-of-turn marker, trained on that response only. This matches
-  inference exactly and costs more tokens.
+  model sees it at inference; nor are those where a rendering through a turn does not
+  begin with its generation prompt (Mistral Nemo shows the system prompt only in the last
+  user message). Such conversations become one example per assistant turn: the history
+  rendered by the template, then the generation prompt, then the raw response and the
+  end-of-turn marker, trained on that response only. This matches inference exactly and
+  costs more tokens.
 - Raw text (`text`, `template`, prompt/completion strings) is not passed through the chat
   template, as in TRL; the EOS token is appended so the model learns to stop.
 - Tokenizing goes straight to the fast tokenizer's backend in batches (what the
@@ -34,8 +41,19 @@ from typing import Any, Sequence
 
 from sftlab.data.formats import Example, batch_examples
 from sftlab.data.sources import BadRow
+from sftlab.data.templates import (
+    NEEDS_TOOLS,
+    TemplateNeedsTools,
+    TemplateRejected,
+    common_prefix_length,
+    end_of_turn_marker,
+    needs_tools,
+    outside_special_tokens,
+    render,
+    special_token_at,
+    turn_end,
+)
 
-SENTINEL = "\ue000sftlab-response\ue001"  # private-use characters: no template or text contains them
 MAX_PROMPT_OVERLAP = 256  # generation prompts end with short markers; longer overlaps are coincidence
 
 
@@ -53,20 +71,6 @@ class Rendered:
     prompt_end: int | None = None
 
 
-class TemplateRejected(BadRow):
-    """The chat template raised an error for this conversation."""
-
-
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools=None) -> str:
-    try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
-        )
-    except Exception as exc:  # jinja's TemplateError, or a raise_exception() inside the template
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise TemplateRejected(f"chat template rejects this conversation: {reason}") from None
-
-
 def render_example(tokenizer, example: Example) -> list[Rendered]:
     """Render one example; several when the chat template is not prefix-preserving for it."""
     if example.messages is None:
@@ -76,6 +80,9 @@ def render_example(tokenizer, example: Example) -> list[Rendered]:
     try:
         return _render_conversation(tokenizer, messages, example.tools)
     except TemplateRejected as rejected:
+        if not example.tools and needs_tools(tokenizer):
+            reason = str(rejected).removeprefix(TemplateRejected.PREFIX)
+            raise TemplateNeedsTools(f"{NEEDS_TOOLS} (without them it fails: {reason})") from None
         # Some templates (Gemma) refuse a system role: fold it into the first user turn, as their docs advise.
         if messages[0]["role"] != "system" or "system" not in str(rejected).lower():
             raise
@@ -91,10 +98,12 @@ def _render_conversation(tokenizer, messages: list[dict], tools) -> list[Rendere
             continue
         # The last turn's rendering is the whole conversation's: no need to render it twice.
         through, span = _turn_span(tokenizer, messages, index, tools, full if index == len(messages) - 1 else None)
-        if span is None or not full.startswith(through):
+        # Prefix-preserving up to the end of the turn is enough: what the rendering through this turn writes
+        # after it (an EOS, an open header, written after the last message only) belongs to no turn.
+        if span is None or not full.startswith(through[: span[1]]):
             return _render_turn_by_turn(tokenizer, messages, tools)
         spans.append(span)
-    return [Rendered(full, spans)]
+    return [_with_stops(tokenizer, full, spans)]
 
 
 def _turn_span(
@@ -102,21 +111,67 @@ def _turn_span(
 ) -> tuple[str, tuple[int, int] | None]:
     """Render messages[:index + 1] and find the span of its last (assistant) turn in it.
 
-    The span starts where the rendering departs from the generation prompt, so the role
-    header is not trained, and ends after the end-of-turn marker. It is None when the
-    template does not show the response as written (it rewrote it, e.g. dropped reasoning).
+    The span starts where the model starts writing, after the generation prompt, so the role
+    header is not trained, and ends after the end-of-turn marker. It is None when the template
+    does not show the response as written (it rewrote it, e.g. dropped reasoning), or shows it
+    after a history other than the generation prompt's (Mistral Nemo moves the system prompt).
     """
     if through is None:
         through = render(tokenizer, messages[: index + 1], tools=tools)
-    prompt = render(tokenizer, messages[:index], add_generation_prompt=True, tools=tools) if index else ""
-    if through.startswith(prompt):
-        start = len(prompt)
-    else:
-        start = _outside_special_tokens(through, _common_prefix_length(prompt, through), tokenizer)
-    end = len(through.rstrip())
+    start = _response_start(tokenizer, messages[:index], through, tools)
+    if start is None:
+        return through, None
+    end = _response_end(tokenizer, through, start)
     if end <= start or any(part not in through[start:end] for part in _visible_parts(messages[index])):
         return through, None
     return through, (start, end)
+
+
+def _response_start(tokenizer, history: list[dict], through: str, tools) -> int | None:
+    """Where the model starts writing in `through`: after the generation prompt it begins with.
+
+    Thinking templates (Qwen3, GLM-4.x) write an empty think block into an answer that has no
+    reasoning; their no-think generation prompt (enable_thinking=False) already holds it, so it
+    belongs to the prompt and is not trained."""
+    if not history:
+        return 0
+    prompt = render(tokenizer, history, add_generation_prompt=True, tools=tools)
+    if through.startswith(prompt):
+        no_think = turn_end(tokenizer).no_think
+        return len(prompt) + (len(no_think) if no_think and through.startswith(no_think, len(prompt)) else 0)
+    # Only the generation prompt's own tail may differ (DeepSeek-R1's '<think>\n' before a tool call): a start
+    # inside the history would train user text.
+    history_text = render(tokenizer, history, tools=tools)
+    shared = common_prefix_length(prompt, through)
+    if prompt.startswith(history_text) and shared >= len(history_text):
+        return outside_special_tokens(through, shared, tokenizer)
+    return None
+
+
+def _response_end(tokenizer, through: str, start: int) -> int:
+    """The end of the turn that starts at `start`: after the template's end-of-turn marker (without the
+    whitespace after it, and without what the template writes after the last message only)."""
+    marker = turn_end(tokenizer).marker.rstrip()
+    found = through.rfind(marker, start) if marker.strip() else -1
+    return found + len(marker) if found != -1 else len(through.rstrip())
+
+
+def _with_stops(tokenizer, text: str, spans: list[tuple[int, int]]) -> Rendered:
+    """A template that writes nothing after a response (GLM-4.x) would train no stop: each turn then trains
+    the next turn's role marker, or EOS after the last turn, the tokens such models' generation configs stop on."""
+    if turn_end(tokenizer).has_marker or not spans:
+        return Rendered(text, spans)
+    stopped = []
+    for start, end in spans:
+        after = end + len(text[end:]) - len(text[end:].lstrip())
+        role = special_token_at(text, after, tokenizer)
+        if role:
+            end = after + len(role)
+        elif not text[end:].strip() and tokenizer.eos_token:
+            text = text[:end] + tokenizer.eos_token + text[end:]
+            end += len(tokenizer.eos_token)
+        stopped.append((start, end))
+    return Rendered(text, stopped)
 
 
 def _visible_parts(message: dict) -> list[str]:
@@ -130,7 +185,8 @@ def _visible_parts(message: dict) -> list[str]:
 
 def _render_turn_by_turn(tokenizer, messages: list[dict], tools) -> list[Rendered]:
     """One example per assistant turn, exactly as the model sees it at inference:
-    history (as the template renders it) + generation prompt + response + end-of-turn marker."""
+    history (as the template renders it) + generation prompt + response + end-of-turn marker
+    (EOS where the template writes none)."""
     pieces = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -143,15 +199,10 @@ def _render_turn_by_turn(tokenizer, messages: list[dict], tools) -> list[Rendere
             pieces.append(Rendered(through, [span]))
             continue
         response = _strip_prompt_overlap(prompt, message["content"])
-        text = prompt + response + end_of_turn_marker(tokenizer, messages[:index], tools)
+        marker = end_of_turn_marker(tokenizer, messages[:index], tools)
+        text = prompt + response + (marker if marker.strip() else tokenizer.eos_token or "")
         pieces.append(Rendered(text, [(len(prompt), len(text.rstrip()))]))
     return pieces
-
-
-def end_of_turn_marker(tokenizer, history: list[dict], tools=None) -> str:
-    """What the template writes after an assistant response (e.g. '<|im_end|>\\n')."""
-    rendered = render(tokenizer, [*history, {"role": "assistant", "content": SENTINEL}], tools=tools)
-    return rendered[rendered.index(SENTINEL) + len(SENTINEL) :] if SENTINEL in rendered else (tokenizer.eos_token or "")
 
 
 def _strip_prompt_overlap(prompt: str, response: str) -> str:
@@ -160,41 +211,6 @@ def _strip_prompt_overlap(prompt: str, response: str) -> str:
         if prompt.endswith(response[:size]) and response[:size].strip():
             return response[size:]
     return response
-
-
-def _outside_special_tokens(text: str, position: int, tokenizer) -> int:
-    """Move a position that falls inside a special token (two markers sharing their first
-    characters, like '<think>' and '<｜tool▁calls▁begin｜>') back to that token's start."""
-    for token in tokenizer.all_special_tokens + list(getattr(tokenizer, "added_tokens_encoder", {})):
-        found = text.find(token, max(0, position - len(token) + 1), position + len(token))
-        if found != -1 and found < position < found + len(token):
-            return found
-    return position
-
-
-def _common_prefix_length(a: str, b: str) -> int:
-    length = min(len(a), len(b))
-    for position in range(length):
-        if a[position] != b[position]:
-            return position
-    return length
-
-
-def end_of_turn_token_id(tokenizer) -> int | None:
-    """The first token the chat template writes after an assistant response (<|im_end|>, <|eot_id|>, ...)."""
-    if not tokenizer.chat_template:
-        return None
-    try:
-        marker = end_of_turn_marker(tokenizer, [{"role": "user", "content": "hi"}]).strip()
-    except BadRow:
-        return None
-    ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
-    return ids[0] if ids else None
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """Tokens that end a turn: training one of them in a row teaches the model to stop."""
-    return sorted({tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)} - {None})
 
 
 # =========================================================================== batched tokenizing with masks
@@ -296,6 +312,7 @@ def tokenized_features():
             "trained_cut": count,
             "emptied": datasets.Value("bool"),
             "stop_trained": datasets.Value("bool"),
+            "stops": count,  # bit k set: the row trains stop_ids[k]
         }
     )
 
@@ -315,7 +332,8 @@ def tokenize_batch(
     Besides `input_ids` and `assistant_masks` (all ones unless assistant_only_loss), each row
     carries what the audit counts, from the response masks: its length, its trained tokens,
     those past max_length, whether max_length leaves it nothing to train, whether it trains a
-    stop token. An example the template rejects becomes one empty row with its `problem`.
+    stop token and which (`stops`, a bit per stop_ids entry). An example the template rejects
+    becomes one empty row with its `problem`.
     """
     import numpy as np
     import pyarrow as pa
@@ -349,7 +367,9 @@ def tokenize_batch(
     limit = max_length if max_length else np.iinfo(np.int64).max
     trained_cut = per_row(mask * (position >= limit))
     trained_kept = per_row(mask * (position < limit))
-    stop_trained = per_row(mask * np.isin(flat_ids, np.asarray(stop_ids, dtype=np.int64))) > 0
+    stops = np.zeros(len(counts), dtype=np.int64)
+    for bit, stop_id in enumerate(stop_ids):
+        stops |= (per_row(mask * (flat_ids == stop_id)) > 0).astype(np.int64) << bit
     offsets = pa.array(starts, pa.int32())
     out_mask = mask if assistant_only_loss else np.ones_like(mask)
     return pa.table(
@@ -363,6 +383,7 @@ def tokenize_batch(
             "trained": pa.array(trained, pa.int32()),
             "trained_cut": pa.array(trained_cut, pa.int32()),
             "emptied": pa.array((counts > limit) & (trained_kept == 0)),
-            "stop_trained": pa.array(stop_trained),
+            "stop_trained": pa.array(stops > 0),
+            "stops": pa.array(stops, pa.int32()),
         }
     )

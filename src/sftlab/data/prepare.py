@@ -46,8 +46,9 @@ from sftlab.data.formats import (
     normalized_features,
     sample_columns,
 )
-from sftlab.data.masks import stop_token_ids, tokenize_batch, tokenized_features
+from sftlab.data.masks import tokenize_batch, tokenized_features
 from sftlab.data.sources import Collector, Records, read_source, source_list
+from sftlab.data.templates import NEEDS_TOOLS, stop_token_ids
 from sftlab.errors import DataError
 
 TRAIN_SAMPLE_SIZE = 64  # training examples kept as Examples: few-shot prompts for the prompted baseline (evaluate.py)
@@ -219,6 +220,7 @@ class _Preparation:
             self.max_length,
             self.cfg,
             self.assistant_only_loss,
+            stop_tokens=[self.tokenizer.decode([stop]) for stop in stops],
         )
         files = {
             "train": train_files,
@@ -360,9 +362,9 @@ class _Preparation:
         )
         table = arrowio.read_table(files)
         failed = table.column("problem").is_valid().to_numpy(zero_copy_only=False)
-        for (source, line), problem in zip(
-            _where_failed(table, failed), table.column("problem").drop_null().to_pylist()
-        ):
+        problems = table.column("problem").drop_null().to_pylist()
+        _refuse_a_template_that_needs_tools(problems, split, self.collector.on_error)
+        for (source, line), problem in zip(_where_failed(table, failed), problems):
             self.collector.bad_row(self.labels[source], line, problem)
         counts = audits.RowCounts.of(table, ~failed)
         if failed.any():
@@ -416,6 +418,17 @@ def _where_failed(table, failed) -> list[tuple[int, int]]:
 
     where = pa.array(np.flatnonzero(failed))
     return list(zip(table.column("source").take(where).to_pylist(), table.column("line").take(where).to_pylist()))
+
+
+def _refuse_a_template_that_needs_tools(problems: list[str], split: str, on_error: str) -> None:
+    """A tool-use template fails on every row without tools: one message for the template, not one per row."""
+    lacking = [problem for problem in problems if problem.startswith(NEEDS_TOOLS)]
+    if lacking and (on_error == "fail" or len(lacking) == len(problems)):
+        raise DataError(
+            f"{lacking[0]}; {len(lacking)} {split} rows give no tools",
+            hint="give every row a `tools` list, or train with a chat template for plain conversations "
+            "(this one is a tool-use template)",
+        )
 
 
 def _why_empty(collector: Collector) -> str:
