@@ -51,6 +51,13 @@ def build_tiny_model(directory: Path, chat_template: str | None = CHATML, model_
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if model_type == "qwen2":  # Qwen2's own split (digits one by one, ...), then bytes, as its tokenizer.json has it
+        from tokenizers import Regex
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+        bpe.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -64,6 +71,9 @@ def build_tiny_model(directory: Path, chat_template: str | None = CHATML, model_
     shapes = {
         "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
+        # Qwen2 (the chapter's DeepSeek-R1-Distill-Qwen): q/k/v biases, untied output projection
+        "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False),
         # OPT: learned absolute positions; lets packed examples attend to each other (the chapter's packing example)
         "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
                     max_position_embeddings=1024),
