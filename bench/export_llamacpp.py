@@ -82,16 +82,22 @@ def transformers_answers(run: Path, prompts: list[list[int]], max_new_tokens: in
 
 
 def llama_cpp_answers(gguf: Path, texts: list[str], prompts: list[list[int]], max_new_tokens: int):
+    import llama_cpp
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=os.cpu_count() or 2, verbose=False, seed=0)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+
+    def is_end_of_generation(token: int) -> bool:  # llama.cpp's own test: EOS, EOT and the like, from the GGUF
+        return bool(llama_cpp.llama_vocab_is_eog(vocab, token))
+
     same_tokens = sum(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids
                       for text, ids in zip(texts, prompts))
     answers, started = [], time.perf_counter()
     for ids in prompts:
         answer = []
         for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            if llm.token_is_eog(token) if hasattr(llm, "token_is_eog") else token == llm.token_eos():
+            if is_end_of_generation(token):
                 break
             answer.append(token)
             if len(answer) >= max_new_tokens:
@@ -149,6 +155,54 @@ def go_renders(template: str, conversations: list[list[dict]]) -> list[str] | No
         if done.returncode != 0:
             raise RuntimeError(done.stderr)
         return json.loads(done.stdout)
+
+
+def tiny_logits_in_llama_cpp(directory: Path) -> list[str]:
+    """The tests' tiny Llama (tied) and tiny Qwen2 (biases, untied), weights scaled up so that attention
+    matters, written by sftlab and run by llama.cpp: logits against transformers' on one prompt, and
+    the same Llama written without llama.cpp's q/k permutation as a control (the check can fail)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import build_tiny_model
+
+    from sftlab import export_gguf
+
+    text = "<|im_start|>user\nWhat is 12 plus 3? The quick brown fox.<|im_end|>\n<|im_start|>assistant\n"
+    lines = []
+    for model_type, permute in (("llama", True), ("qwen2", False), ("llama", False)):
+        folder = build_tiny_model(directory / f"{model_type}-{permute}", model_type=model_type)
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith(".bias") or name == "lm_head.weight":
+                    parameter.normal_(0, 0.5)
+                elif parameter.ndim == 2:
+                    parameter.mul_(20)
+        saved = export_gguf.ARCHITECTURES["llama"]
+        if model_type == "llama" and not permute:  # the control: q/k left in transformers' layout
+            export_gguf.ARCHITECTURES["llama"] = dataclasses.replace(saved, permute_qk=False)
+        try:
+            path = export_gguf.write_gguf(model, tokenizer, folder, folder / "model.gguf")
+        finally:
+            export_gguf.ARCHITECTURES["llama"] = saved
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        llm = Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False)
+        llm.eval(ids)
+        theirs = np.array(llm.scores[: len(ids)])
+        with torch.no_grad():
+            ours = model(torch.tensor([ids])).logits[0].numpy()
+        label = f"tiny {model_type}" + ("" if permute or model_type == "qwen2" else " WITHOUT the q/k permutation")
+        lines.append(f"  {label:<42} max |logit diff| {np.abs(theirs - ours).max():7.3f} (logits up to "
+                     f"{np.abs(ours).max():.1f}); same argmax at {(theirs.argmax(-1) == ours.argmax(-1)).mean():.0%} "
+                     f"of {len(ids)} positions")
+    return lines
 
 
 def modelfile_template(modelfile: Path) -> str | None:
@@ -221,6 +275,9 @@ def main() -> int:
         lines.append(f"Modelfile TEMPLATE executed by Go text/template ({go}): {same_render}/{len(expected)} "
                      "held-out conversations rendered exactly as the chat template renders them")
         verdicts.append(("template", same_render / len(expected), True))
+    with tempfile.TemporaryDirectory(prefix="sftlab-export-bench-tiny-") as directory:
+        lines += ["", "Tiny models written by sftlab, run by llama.cpp (f16 file, llama.cpp's own CPU kernels):",
+                  *tiny_logits_in_llama_cpp(Path(directory))]
     lines += ["", "Modelfile (f16):", *("  " + line for line in modelfile.splitlines())]
     passed = all(share >= MOST and tokens for _, share, tokens in verdicts)
     lines += ["", f"verdict: {'PASS' if passed else 'FAIL'}: llama.cpp's greedy answers equal transformers' on at "

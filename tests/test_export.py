@@ -93,7 +93,7 @@ def test_gguf_f16_reads_back_in_transformers_with_the_logits_and_tokenizer_of_fi
     types = reader.fields["tokenizer.ggml.token_type"].contents()
     assert types[tokenizer.convert_tokens_to_ids("<|im_end|>")] == TokenType.CONTROL
     assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
-    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     modelfile = result.modelfile.read_text()
     assert "FROM ./full-f16.gguf\n" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert f'TEMPLATE """{OLLAMA_CHATML}"""' in modelfile and "PARAMETER temperature 0" in modelfile

@@ -51,7 +51,7 @@ ARCHITECTURES = {  # transformers model_type -> how llama.cpp knows it
 SUPPORTED = ", ".join(f"{name} ({arch.examples})" for name, arch in ARCHITECTURES.items())
 
 # Byte-level pre-tokenizers by the regex they split with, under the names llama.cpp gives them.
-GPT2_PRE = "gpt2"  # ByteLevel's own GPT-2 regex (SmolLM2 as transformers loads it, the test tokenizer)
+GPT2_PRE = "gpt-2"  # ByteLevel's own GPT-2 regex (SmolLM2 as transformers loads it, the test tokenizer)
 DIGITS_PRE = "smollm"  # individual digits, then the GPT-2 regex (SmolLM2's original tokenizer.json)
 
 
@@ -115,14 +115,14 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, quant: str = "
         _add_model_metadata(writer, config, arch, name or path.stem, file_type)
         _add_tokenizer_metadata(writer, tokenizer, tokenizer_json, Path(tokenizer_dir),
                                 vocab_size=model.get_input_embeddings().num_embeddings)
-        types = [_storage_type(tensor, quant) for _, tensor in tensors]
-        for (gguf_name, tensor), qtype in zip(tensors, types):
+        types = [_storage_type(tuple(tensor.shape), quant) for _, tensor, _ in tensors]
+        for (gguf_name, tensor, _), qtype in zip(tensors, types):
             _add_tensor_info(writer, gguf_name, tuple(tensor.shape), qtype)
         writer.write_header_to_file(partial)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for (_, tensor), qtype in zip(tensors, types):
-            writer.write_tensor_data(gguf.quants.quantize(tensor, qtype))
+        for (_, tensor, heads), qtype in zip(tensors, types):
+            writer.write_tensor_data(gguf.quants.quantize(_in_gguf_layout(tensor, heads), qtype))
         writer.close()
         os.replace(partial, path)
     except BaseException:
@@ -135,8 +135,9 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, quant: str = "
 # =========================================================================== tensors
 
 
-def _gguf_tensors(model, config, arch: Architecture) -> list[tuple[str, object]]:
-    """(llama.cpp tensor name, float32 numpy array in llama.cpp's layout), in the model's order."""
+def _gguf_tensors(model, config, arch: Architecture) -> list[tuple[str, object, tuple | None]]:
+    """(llama.cpp tensor name, the model's tensor, (heads, kv heads) when its rows are to be permuted), in the
+    model's order. Nothing is copied yet: each tensor is converted only when it is written."""
     import gguf
 
     names = gguf.get_tensor_name_map(_gguf_arch_enum(arch), config.num_hidden_layers)
@@ -149,13 +150,19 @@ def _gguf_tensors(model, config, arch: Architecture) -> list[tuple[str, object]]
         if gguf_name is None:
             raise ModelError(f"cannot export tensor {hf_name!r}: llama.cpp's {arch.gguf_name} has no place for it",
                              hint="export --format merged instead")
-        data = tensor.detach().float().cpu().numpy()
+        heads = None
         if arch.permute_qk and ".attn_q." in gguf_name:
-            data = _permute_for_rotary(data, config.num_attention_heads, config.num_attention_heads)
+            heads = (config.num_attention_heads, config.num_attention_heads)
         elif arch.permute_qk and ".attn_k." in gguf_name:
-            data = _permute_for_rotary(data, config.num_attention_heads, config.num_key_value_heads)
-        tensors.append((gguf_name, data))
+            heads = (config.num_attention_heads, config.num_key_value_heads)
+        tensors.append((gguf_name, tensor, heads))
     return tensors
+
+
+def _in_gguf_layout(tensor, heads: tuple | None):
+    """A float32 numpy copy of one tensor, q/k rows permuted for llama.cpp's rotary layout when asked."""
+    data = tensor.detach().float().cpu().numpy()
+    return data if heads is None else _permute_for_rotary(data, *heads)
 
 
 def _gguf_arch_enum(arch: Architecture):
@@ -179,13 +186,13 @@ def _permute_for_rotary(weights, n_head: int, n_head_kv: int):
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def _storage_type(tensor, quant: str):
+def _storage_type(shape: tuple, quant: str):
     """F32 for 1-D tensors (norms and biases: tiny, and precision-sensitive), else the asked type."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    if tensor.ndim < 2:
+    if len(shape) < 2:
         return GGMLQuantizationType.F32
-    if quant == "q8_0" and tensor.shape[-1] % GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0] == 0:
+    if quant == "q8_0" and shape[-1] % GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0] == 0:
         return GGMLQuantizationType.Q8_0
     return GGMLQuantizationType.F16
 
@@ -268,7 +275,7 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
             if GGUF_PRE_TOKENIZER_SPLITS.get(name) == regex:
                 return name
     raise ModelError(f"cannot export this tokenizer to GGUF: its pre-tokenizer ({json.dumps(pre)[:200]}) is not one "
-                     "sftlab knows llama.cpp's name for (gpt2, smollm, llama-bpe, qwen2)",
+                     "sftlab knows llama.cpp's name for (gpt-2, smollm, llama-bpe, qwen2)",
                      hint="export --format merged instead, and convert it with llama.cpp's convert_hf_to_gguf.py")
 
 
