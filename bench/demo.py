@@ -3,11 +3,14 @@
 What it checks (the project's requirement for the demo): "check -> baseline evaluation ->
 train -> evaluation -> report, on the embedded default [...] under 10 minutes end to end on 2
 CPU cores. [...] on the held-out split, format adherence after >= 90% and at least 40 points
-above before; held-out loss lower after; `diagnose` finds no overfitting or instability."
+above before; held-out loss lower after; `diagnose` finds no overfitting or instability", and
+since the verdict (issue 13): the demo shows the base, prompted base and tuned model and the
+verdict, which must be `worked`: better than the prompted base model, not only than the base.
 
 It runs `sftlab demo --output DIR` as a user would (a subprocess, the installed console
 script), times it with the wall clock, then reads the run directory: eval/before.json and
-eval/after.json (adherence, loss), diagnosis.json (findings), metrics.jsonl (train_runtime)
+eval/prompted.json, eval/after.json (adherence, loss, the demo's `record` metric),
+eval/verdict.json, diagnosis.json (findings), metrics.jsonl (train_runtime)
 and the report files. The demo's own output (its before/after table) is kept in the result.
 
     python bench/demo.py            # writes bench/results/demo.txt (and .json)
@@ -32,6 +35,19 @@ WALL_LIMIT_S = 600
 ADHERENCE_AFTER = 0.90
 ADHERENCE_GAIN = 0.40
 BAD_FINDINGS = {"overfitting", "instability"}
+
+
+TABLE = (("record (the demo's metric)", ("metrics", "record"), "share"), ("format adherence", ("adherence", "format"), "share"),
+         ("chat adherence", ("adherence", "chat"), "share"), ("exact match", ("reference", "exact_match"), "share"),
+         ("ROUGE-L", ("reference", "rougeL"), "number"), ("held-out loss", ("loss", "loss"), "number"),
+         ("retention loss", ("retention", "loss"), "number"))
+
+
+def row(result: dict, keys: tuple[str, str], kind: str) -> str:
+    value = (result.get(keys[0]) or {}).get(keys[1])
+    if value is None:
+        return f"{'-':>9}"
+    return f"{value:9.1%}" if kind == "share" else f"{value:9.3f}"
 
 
 def read_json(path: Path) -> dict:
@@ -59,6 +75,7 @@ def main() -> int:
         return done.returncode
 
     before, after = read_json(run / "eval" / "before.json"), read_json(run / "eval" / "after.json")
+    prompted, verdict = read_json(run / "eval" / "prompted.json"), read_json(run / "eval" / "verdict.json")
     findings = [f["code"] for f in read_json(run / "diagnosis.json").get("findings", [])]
     adherence_before, adherence_after = before["adherence"]["format"], after["adherence"]["format"]
     checks = {
@@ -66,6 +83,7 @@ def main() -> int:
         f"format adherence after >= {ADHERENCE_AFTER:.0%}": adherence_after >= ADHERENCE_AFTER,
         f"format adherence gain >= {ADHERENCE_GAIN * 100:.0f} points": adherence_after - adherence_before >= ADHERENCE_GAIN,
         "held-out loss lower after": after["loss"]["loss"] < before["loss"]["loss"],
+        "verdict: worked (better than the base and the prompted base model)": verdict.get("verdict") == "worked",
         "no overfitting or instability found": not BAD_FINDINGS & set(findings),
         "report.html and final/README.md written": (run / "report.html").exists() and (run / "final" / "README.md").exists(),
     }
@@ -81,18 +99,17 @@ def main() -> int:
         "",
         f"wall time end to end:        {wall:7.1f} s",
         f"  baseline evaluation:       {before.get('seconds', float('nan')):7.1f} s",
+        f"  prompted baseline:         {prompted.get('seconds', float('nan')):7.1f} s",
         f"  training (train_runtime):  {train_runtime(run) or float('nan'):7.1f} s",
         f"  evaluation after:          {after.get('seconds', float('nan')):7.1f} s",
         "",
         f"held-out prompts: {after['num_prompts']}; format: {after['adherence'].get('format_spec', {}).get('type')}",
-        f"                     before    after",
-        f"format adherence   {adherence_before:7.1%}  {adherence_after:7.1%}",
-        f"chat adherence     {before['adherence']['chat']:7.1%}  {after['adherence']['chat']:7.1%}",
-        f"exact match        {before['reference']['exact_match']:7.1%}  {after['reference']['exact_match']:7.1%}",
-        f"ROUGE-L            {before['reference']['rougeL']:7.3f}  {after['reference']['rougeL']:7.3f}",
-        f"held-out loss      {before['loss']['loss']:7.3f}  {after['loss']['loss']:7.3f}",
-        f"retention loss     {before['retention']['loss']:7.3f}  {after['retention']['loss']:7.3f}",
+        f"{'':<27}{'before':>9}{'prompted':>9}{'after':>9}",
+        *[f"{label:<27}{row(before, keys, kind)}{row(prompted, keys, kind)}{row(after, keys, kind)}"
+          for label, keys, kind in TABLE],
         f"diagnosis findings: {', '.join(findings) or 'none'}",
+        f"verdict: {verdict.get('headline', 'none')}",
+        *[f"  caveat: {caveat}" for caveat in verdict.get("caveats", [])],
         "",
         *[f"{'PASS' if ok else 'FAIL'}  {name}" for name, ok in checks.items()],
         f"overall: {'PASS' if all(checks.values()) else 'FAIL'}",
@@ -104,7 +121,8 @@ def main() -> int:
     print(report)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "demo.txt").write_text(report, encoding="utf-8")
-    summary = {"wall_s": wall, "before": before, "after": after, "findings": findings, "checks": checks}
+    summary = {"wall_s": wall, "before": before, "prompted": prompted, "after": after, "verdict": verdict,
+               "findings": findings, "checks": checks}
     (RESULTS / "demo.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     shutil.rmtree(out_dir, ignore_errors=True)
     return 0 if all(checks.values()) else 1

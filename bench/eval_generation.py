@@ -15,8 +15,11 @@ one short warm-up batch (not counted):
                  (generation_config.min_new_tokens), as if the model never stopped;
 - one by one:    the first K prompts (default 10) generated one at a time through the same
                  function (batch size 1), for comparison; extrapolated to N prompts;
-- whole eval:    `sftlab.evaluate.evaluate_model` (generation + held-out loss over the 200
-                 demo eval rows + retention loss + metrics), for what `sftlab eval` costs.
+- whole eval:    `sftlab.evaluate.evaluate_model` (generation + held-out loss over the
+                 demo eval rows + retention loss + metrics), for what `sftlab eval` costs;
+- prompted:      the same for the prompted baseline (eval.prompted_baseline: 3 training
+                 examples before each prompt; its retention is the base model's, reused),
+                 against the zero-shot baseline: the project's target is at most 1.5x.
 
 Model loading (GGUF dequantization) is timed separately and not counted. The result is
 printed and written to bench/results/eval_generation.txt (with the machine, threads,
@@ -43,6 +46,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 LIMIT_S = 120.0
+PROMPTED_RATIO_LIMIT = 1.5  # the prompted baseline may cost at most 1.5x the zero-shot baseline's evaluation
 
 
 def package_version(name: str) -> str:
@@ -60,7 +64,7 @@ def timed_generation(model, tokenizer, held_out, eval_cfg, label: str, force_ful
         model.generation_config.min_new_tokens = eval_cfg.max_new_tokens
     try:
         start = time.perf_counter()
-        answers = generate_answers(model, tokenizer, held_out, eval_cfg)
+        answers = generate_answers(model, tokenizer, held_out.prompts, held_out.chat, eval_cfg)
         seconds = time.perf_counter() - start
     finally:
         model.generation_config.min_new_tokens = saved
@@ -125,14 +129,20 @@ def main(argv: list[str] | None = None) -> int:
         count = min(args.sequential, len(held_out.prompts))
         one = cfg.eval.model_copy(update={"generation_batch_size": 1})
         sequential = timed_generation(model, tokenizer, _first(held_out, count), one, f"one by one, {count} prompts")
-    full = None
+    full = prompted = None
     if not args.no_full_eval:
         start = time.perf_counter()
         summary = evaluate_model(model, tokenizer, default_cfg, held_out, "before", cfg.model.name_or_path, step=0).summary
         full = {"seconds": time.perf_counter() - start, "summary": summary}
         print(f"  whole evaluate_model: {full['seconds']:.2f} s", flush=True)
+        start = time.perf_counter()
+        summary = evaluate_model(model, tokenizer, default_cfg, held_out, "prompted", cfg.model.name_or_path, step=0,
+                                 prompted=True, retention=summary["retention"]).summary
+        prompted = {"seconds": time.perf_counter() - start, "summary": summary}
+        print(f"  whole evaluate_model, prompted baseline: {prompted['seconds']:.2f} s", flush=True)
 
     ok = all(run["seconds"] < LIMIT_S for run in runs) and worst["seconds"] < LIMIT_S
+    prompted_ok = prompted is None or prompted["seconds"] <= PROMPTED_RATIO_LIMIT * full["seconds"]
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
     lines = [
         "sftlab eval generation benchmark (bench/eval_generation.py)",
@@ -162,6 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", f"whole evaluate_model (generation, held-out loss over {summary['loss']['tokens']:,} trained tokens of "
                   f"{len(held_out.rows)} rows, retention loss over {summary['retention']['tokens']:,} tokens, metrics): "
                   f"{full['seconds']:.2f} s"]
+    if prompted:
+        shown = held_out.prompted
+        prompted_tokens = [len(ids) for ids in tokenizer(shown.prompts, add_special_tokens=False)["input_ids"]]
+        lines += [f"prompted baseline ({shown.shots} training examples before each prompt: "
+                  f"{min(prompted_tokens)}-{max(prompted_tokens)} prompt tokens, "
+                  f"{sum(prompted_tokens) / len(prompted_tokens):.0f} on average; retention reused): "
+                  f"{prompted['seconds']:.2f} s = x{prompted['seconds'] / full['seconds']:.2f} the zero-shot evaluation",
+                  f"  format adherence zero-shot {full['summary']['adherence']['format']:.1%}, prompted "
+                  f"{prompted['summary']['adherence']['format']:.1%}"]
     timings = ", ".join(f"{run['seconds']:.1f} s" for run in [*runs, worst])
     lines += [
         "",
@@ -169,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         f"requirement:  {len(held_out.prompts)} prompts x {args.max_new_tokens} new tokens < {LIMIT_S:.0f} s, as evaluated and "
         f"in the worst case: {'PASS' if ok else 'FAIL'} ({timings})",
     ]
+    if prompted:
+        lines.append(f"requirement:  the prompted baseline's evaluation at most x{PROMPTED_RATIO_LIMIT} the zero-shot "
+                     f"baseline's: {'PASS' if prompted_ok else 'FAIL'} (x{prompted['seconds'] / full['seconds']:.2f})")
+    ok = ok and prompted_ok
     if args.prompts != 100 or args.max_new_tokens != 64:
         lines.append("note:         the requirement is stated for 100 prompts x 64 new tokens; this run used "
                      f"{args.prompts} x {args.max_new_tokens}")

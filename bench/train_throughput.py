@@ -379,6 +379,7 @@ class CountingCollator:
     def __init__(self, inner):
         self.inner = inner
         self.batches = self.slots = self.tokens = self.loss_tokens = self.max_row = 0
+        self.batch_tokens: list[int] = []  # per micro-batch, in the order training consumes them
 
     def __call__(self, features):
         batch = self.inner(features)
@@ -386,12 +387,17 @@ class CountingCollator:
         self.batches += 1
         self.slots += ids.numel()
         self.max_row = max(self.max_row, ids.shape[-1])
-        self.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
+        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
+        self.tokens += tokens
+        self.batch_tokens.append(tokens)
         self.loss_tokens += int((batch["labels"][..., 1:] != -100).sum())
         return batch
 
 
 RECORDED: list = []
+# Steady-state throughput leaves out the first optimizer steps (kernel selection, compilation, allocator
+# growth): at most this many, and at most a quarter of the run.
+STEADY_AFTER_STEPS = 10
 
 
 def recording_trainer_class():
@@ -407,11 +413,22 @@ def recording_trainer_class():
         def on_train_begin(self, args, state, control, **kwargs):
             self.rss_mb, self.peak_rss_mb, self.started = current_rss_mb(), peak_rss_mb(), time.perf_counter()
             self.cpu_started = cpu_seconds()
+            self.steady_from = min(STEADY_AFTER_STEPS, max(1, state.max_steps // 4))
+            self.step_seconds: dict[int, float] = {}
             if on_gpu():
                 import torch
 
                 torch.cuda.synchronize()
                 self.gpu_allocated_mb = torch.cuda.memory_allocated() / 2**20
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # Only the window's two ends wait for the GPU: a wait at every step would idle it.
+            if state.global_step in (self.steady_from, state.max_steps):
+                if on_gpu():
+                    import torch
+
+                    torch.cuda.synchronize()
+                self.step_seconds[state.global_step] = time.perf_counter() - self.started
 
         def on_train_end(self, args, state, control, **kwargs):
             self.wall = time.perf_counter() - self.started
@@ -426,6 +443,17 @@ def recording_trainer_class():
             RECORDED.append(self)
 
     return RecordingSFTTrainer
+
+
+def steady_window(train_start, collator: CountingCollator, accumulation: int) -> dict | None:
+    """Tokens and seconds of the optimizer steps after the first `steady_from` (None for too short a run)."""
+    times = train_start.step_seconds
+    start, end = train_start.steady_from, max(times, default=0)
+    if start not in times or end <= start:
+        return None
+    tokens = sum(collator.batch_tokens[start * accumulation:])  # every micro-batch after the first steps
+    return {"from_step": start, "steps": end - start, "tokens": tokens, "seconds": times[end] - times[start],
+            "tokens_per_s": tokens / (times[end] - times[start])}
 
 
 def dataset_tokens(dataset) -> dict:
@@ -512,6 +540,7 @@ def worker(kind: str, spec: dict) -> dict:
     result["peak_rss_before_train_mb"] = trainer.train_start.peak_rss_mb
     if on_gpu():
         result["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["gpu_peak_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
         result["gpu_allocated_at_train_start_mb"] = trainer.train_start.gpu_allocated_mb
     args = trainer.args
     collator = trainer.data_collator
@@ -526,6 +555,7 @@ def worker(kind: str, spec: dict) -> dict:
         "dataset": dataset_tokens(trainer.train_dataset),
         "fed": {"batches": collator.batches, "tokens": collator.tokens, "slots": collator.slots,
                 "loss_tokens": collator.loss_tokens, "longest_batch_row": collator.max_row},
+        "steady": steady_window(trainer.train_start, collator, args.gradient_accumulation_steps),
         "settings": {"packing": bool(args.packing), "padding_free": bool(getattr(trainer, "padding_free", False)),
                      "bf16": bool(args.bf16), "activation_checkpointing": bool(args.gradient_checkpointing),
                      "assistant_only_loss": kind == "sftlab", "per_device_train_batch_size": args.per_device_train_batch_size,

@@ -2,13 +2,15 @@
 
 The tiny model (byte-level BPE tokenizer trained with `tokenizers`, 2-layer Llama with
 hidden size 64, ChatML chat template) trains in seconds on a CPU, so tests exercise the
-real TRL/transformers code paths without the embedded 135M model.
+real TRL/transformers code paths without the embedded 135M model. `build_tiny_model` also
+builds the same size in Qwen2 and OPT shapes (`model_type="qwen2"` / `"opt"`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -71,9 +73,10 @@ def build_tiny_model(directory: Path, chat_template: str | None = CHATML, model_
     shapes = {
         "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
-        # Qwen2 (the chapter's DeepSeek-R1-Distill-Qwen): q/k/v biases, untied output projection
+        # Qwen2 (DeepSeek-R1-Distill-Qwen's architecture): biased q/k/v projections, an untied LM head
         "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False),
+                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+                      use_sliding_window=False),
         # OPT: learned absolute positions; lets packed examples attend to each other (the chapter's packing example)
         "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
                     max_position_embeddings=1024),
@@ -142,3 +145,21 @@ training:
   save_steps: 3
   max_length: 128
 """)
+
+
+def sftlab_in_process(*args) -> tuple[int, str, str]:
+    """The CLI's main() in this process (no interpreter start-up): exit code, stdout, stderr."""
+    import contextlib
+    import io
+
+    from sftlab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv
+    sys.argv = ["sftlab", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit:
+            main()
+    finally:
+        sys.argv = saved
+    return exit.value.code or 0, out.getvalue(), err.getvalue()

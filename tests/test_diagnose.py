@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from sftlab.diagnose import PHASES, Diagnosis, Finding, diagnose, read_history
+from sftlab.diagnose import ADVICE, PHASES, Diagnosis, Finding, diagnose, read_history
 from sftlab.errors import UserError
 
 # --------------------------------------------------------------------------- synthetic runs
@@ -594,3 +594,69 @@ def test_read_history_errors_name_the_file(tmp_path, setup, fragment):
         read_history(path)
     assert str(path) in caught.value.message and fragment in caught.value.message
     assert caught.value.exit_code == 2
+
+
+# --------------------------------------------------------------------------- issue 16: what real logs showed
+
+
+def test_a_short_run_that_ends_far_above_its_start_is_instability_not_converged():
+    # 1.6 -> 10.4 and staying there, in 9 logs: too few for the smoothed divergence rule, and flat at the end.
+    diagnosis = diagnose(make_run([1.6, 1.55, 1.7, 3.2, 6.4, 9.9, 10.4, 10.3, 10.5], steps=range(5, 50, 5)))
+    inst = finding(diagnosis, "instability")
+    assert inst.severity == "warning" and "diverged" in inst.evidence and inst.steps[0] == 20
+    assert diagnosis.phase == "diverging"
+
+
+def test_a_run_that_comes_back_below_its_start_is_not_called_diverged():
+    diagnosis = diagnose(make_run([1.6, 1.55, 1.7, 3.2, 6.4, 2.0, 1.4, 1.3, 1.2], steps=range(5, 50, 5)))
+    assert diagnosis.phase != "diverging" and "diverged" not in " ".join(f.evidence for f in diagnosis.findings)
+
+
+def epochs_run(losses, epochs: float) -> list[dict]:
+    records = make_run(losses)
+    for record in records:
+        record["epoch"] = round(epochs * record["step"] / records[-1]["step"], 4)
+    return records
+
+
+def test_memorization_is_relative_to_where_the_run_started():
+    # 25 epochs take a chat set from 5.7 to 0.057 (1% of its start), above the absolute threshold of 0.05.
+    losses = noisy(0.057 + 5.65 * np.exp(-np.arange(100) / 12), 0.03, 40)
+    memo = finding(diagnose(epochs_run(losses, 25.0)), "memorization")
+    assert memo.severity == "warning" and "of its start" in memo.evidence and "25 epochs" in memo.evidence
+    # the same fall within one epoch is an easy target, not a memorized one
+    assert "memorization" not in diagnose(epochs_run(losses, 1.0)).codes()
+    # and a long run that keeps a tenth of its start is not memorization either
+    kept_a_tenth = noisy(0.6 + 5.0 * np.exp(-np.arange(100) / 12), 0.03, 41)
+    assert "memorization" not in diagnose(epochs_run(kept_a_tenth, 15.0)).codes()
+
+
+def test_a_loss_of_exactly_zero_from_the_start_is_its_own_finding_not_memorization():
+    records = make_run(np.zeros(50), grad=np.zeros(50))
+    diagnosis = diagnose(records)
+    zero = finding(diagnosis, "zero_loss")
+    assert zero.severity == "error" and "nothing is being trained" in zero.evidence
+    assert "masking" in zero.evidence and zero.advice == list(ADVICE["zero_loss"])
+    assert "memorization" not in diagnosis.codes() and "healthy" not in diagnosis.codes()
+    # a loss that falls to zero late has trained something first: memorization, not zero_loss
+    late = diagnose(make_run(np.concatenate([np.linspace(2.0, 0.1, 30), np.zeros(20)])))
+    assert "zero_loss" not in late.codes() and "memorization" in late.codes()
+
+
+def test_grad_norm_blips_while_the_loss_sits_near_zero_are_not_instability():
+    losses = noisy(np.full(100, 0.001), 0.2, 42)
+    grad = noisy(np.full(100, 0.06), 0.2, 43)
+    grad[[40, 41, 70]] = [1.1, 0.9, 1.1]  # 18x the median, twice in a row, three times
+    assert "instability" not in diagnose(make_run(losses, grad=grad)).codes()
+    # the same blips while the model still learns (loss ~1) are an explosion
+    assert "instability" in diagnose(make_run(noisy(np.full(100, 1.0), 0.05, 44), grad=grad)).codes()
+
+
+def test_eval_loss_nan_while_training_stays_finite_is_reported():
+    records = healthy_run(n=60)
+    evals = [r for r in records if "eval_loss" in r]
+    evals[-1]["eval_loss"] = "nan"
+    inst = finding(diagnose(records), "instability")
+    assert inst.severity == "error" and f"eval_loss is nan at step {evals[-1]['step']}" in inst.evidence
+    assert "train loss and grad_norm stay finite" in inst.evidence
+    assert inst.advice[0] == ADVICE["eval_non_finite"][0]

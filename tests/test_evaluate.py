@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from conftest import write_config, write_jsonl
+from conftest import sftlab_in_process, write_config, write_jsonl
 from sftlab.config import load_config
 from sftlab.evaluate import (
-    AFTER_FILE, BEFORE_FILE, EVAL_DIR, RETENTION_BUILTIN, SAMPLES_FILE, distinct_n, duplicate_share, ends_turn_cleanly,
-    evaluate_model_path, evaluate_run, exact_match, leaks_template, memorization, rouge_l, template_markers,
-    trained_responses, trained_token_loss,
+    AFTER_FILE, BEFORE_FILE, EVAL_DIR, RETENTION_BUILTIN, SAMPLES_FILE, ends_turn_cleanly, evaluate_model_path,
+    evaluate_run, leaks_template, template_markers, trained_responses, trained_token_loss,
 )
+from sftlab.metrics import distinct_n, duplicate_share, exact_match, memorization, rouge_l
 from sftlab.monitor import METRICS_FILE, read_jsonl
 from sftlab.train import train
 
@@ -123,8 +123,8 @@ def test_samples_put_prompt_reference_base_and_tuned_answers_side_by_side(format
     run_dir, _ = formatted_run
     samples = read_jsonl(run_dir / EVAL_DIR / SAMPLES_FILE)
     assert len(samples) == 16
-    assert set(samples[0]) == {"prompt", "reference", "base_output", "tuned_output", "base_follows_format",
-                               "tuned_follows_format"}
+    assert set(samples[0]) == {"prompt", "reference"} | {f"{side}_{what}" for side in ("base", "prompted", "tuned")
+                                                        for what in ("output", "follows_format", "scores")}
     eval_rows = sum_rows(16, seed=1)
     assert [s["prompt"] for s in samples] == [row["messages"][0]["content"] for row in eval_rows]
     assert [s["reference"] for s in samples] == [row["messages"][1]["content"] for row in eval_rows]
@@ -133,6 +133,9 @@ def test_samples_put_prompt_reference_base_and_tuned_answers_side_by_side(format
     for sample in samples:
         assert isinstance(sample["base_output"], str) and isinstance(sample["tuned_output"], str)
         assert sample["tuned_follows_format"] is (re.fullmatch(FORMAT, sample["tuned_output"].strip()) is not None)
+        assert sample["tuned_scores"]["format"] is sample["tuned_follows_format"]
+        assert sample["tuned_scores"]["exact_match"] is (sample["tuned_output"].strip() == sample["reference"])
+        assert isinstance(sample["prompted_output"], str)  # the prompted base model answered the same prompts
     after = read_eval(run_dir, AFTER_FILE)
     assert after["adherence"]["format"] == sum(s["tuned_follows_format"] for s in samples) / 16
 
@@ -210,7 +213,7 @@ def test_a_lora_run_is_evaluated_with_its_adapter_on_the_base(tiny_config):
     before, after = read_eval(result.run_dir, BEFORE_FILE), read_eval(result.run_dir, AFTER_FILE)
     assert after["model"] == str(result.final_dir) and after["step"] == 4
     assert after["loss"]["loss"] != before["loss"]["loss"]  # the adapter changed the model
-    again = evaluate_run(result.run_dir)  # loads the adapter from final/ on the base model
+    again = evaluate_run(result.run_dir).summary  # loads the adapter from final/ on the base model
     assert again["loss"]["loss"] == pytest.approx(after["loss"]["loss"], abs=1e-5)
 
 
@@ -220,10 +223,10 @@ def test_retention_can_be_pointed_at_other_data_or_turned_off(tmp_path, tiny_con
         {"messages": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "An apple is a fruit."}]},
     ])
     common = ["eval.num_prompts=2", "eval.max_new_tokens=4", "eval.show_samples=0"]
-    custom = evaluate_model_path(None, tiny_config, overrides=[*common, f"eval.retention={general}"])
+    custom = evaluate_model_path(None, tiny_config, overrides=[*common, f"eval.retention={general}"]).summary
     assert custom["retention"]["source"] == str(general)
     assert 0 < custom["retention"]["tokens"] < 40  # two short answers and their end-of-turn tokens
-    off = evaluate_model_path(None, tiny_config, overrides=[*common, "eval.retention=false"])
+    off = evaluate_model_path(None, tiny_config, overrides=[*common, "eval.retention=false"]).summary
     assert off["retention"] == {"loss": None, "perplexity": None, "tokens": None, "source": None}
     assert off["loss"]["loss"] == pytest.approx(custom["loss"]["loss"])
     assert off["model"] == str(tiny_model)
@@ -231,9 +234,9 @@ def test_retention_can_be_pointed_at_other_data_or_turned_off(tmp_path, tiny_con
 
 def test_sampling_is_configurable_and_seeded(tiny_config):
     common = ["eval.num_prompts=4", "eval.max_new_tokens=6", "eval.show_samples=0", "eval.retention=false"]
-    greedy = evaluate_model_path(None, tiny_config, overrides=common)
+    greedy = evaluate_model_path(None, tiny_config, overrides=common).summary
     sampled = [evaluate_model_path(None, tiny_config, overrides=[*common, "eval.do_sample=true", "eval.temperature=1.5"])
-               for _ in range(2)]
+               .summary for _ in range(2)]
     assert sampled[0]["diversity"] == sampled[1]["diversity"]  # seeded: the same answers again
     assert sampled[0]["diversity"] != greedy["diversity"]
 
@@ -340,21 +343,3 @@ def test_held_out_loss_counts_only_trained_tokens(tiny_model):
 def sftlab(*args):
     command = [sys.executable, "-m", "sftlab.cli", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
-
-
-def sftlab_in_process(*args) -> tuple[int, str, str]:
-    """The CLI's main() in this process (no interpreter start-up): exit code, stdout, stderr."""
-    import contextlib
-    import io
-
-    from sftlab.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv
-    sys.argv = ["sftlab", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit:
-            main()
-    finally:
-        sys.argv = saved
-    return exit.value.code or 0, out.getvalue(), err.getvalue()

@@ -417,3 +417,36 @@ def test_sftlab_report_on_a_directory_that_is_not_a_run_exits_2(tmp_path):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: {tmp_path} is not a run directory")
+
+
+# --------------------------------------------------------------------------- live during training
+
+
+def test_during_training_the_report_says_so_and_reloads_itself_until_the_final_one(tmp_path):
+    from types import SimpleNamespace
+
+    from sftlab.monitor import LiveReport
+
+    run = good_run(tmp_path, finished=False)
+    LiveReport(run, write_report).on_evaluate(None, SimpleNamespace(is_world_process_zero=True), None)
+    live = (run / "report.html").read_text(encoding="utf-8")
+    assert '<meta http-equiv="refresh" content="30">' in live and "Training in progress" in live
+    assert not (run / "final" / "README.md").exists()  # the card is written once, at the end
+    write_report(run)
+    final = (run / "report.html").read_text(encoding="utf-8")
+    assert 'http-equiv="refresh"' not in final and "Training in progress" not in final
+
+
+def test_the_verdict_heads_the_report_and_a_corrupt_verdict_is_named_unreadable(tmp_path):
+    run = good_run(tmp_path)
+    verdict = {"verdict": "prompting_suffices", "headline": "prompting_suffices: 90% of answers follow eval.format "
+               "against 88% for the prompted base model", "primary": "format", "reasons": ["r1"], "caveats": ["c1"]}
+    (run / "eval" / "verdict.json").write_text(json.dumps(verdict), encoding="utf-8")
+    result = write_report(run)
+    html = result.html.read_text(encoding="utf-8")
+    assert html.index('class="verdict prompting_suffices"') < html.index('id="data"')
+    assert "**Verdict: prompting_suffices: 90% of answers" in result.card.read_text(encoding="utf-8")
+    (run / "eval" / "verdict.json").write_text(json.dumps({"verdict": "great", "headline": 3}), encoding="utf-8")
+    result = write_report(run)
+    assert any("verdict.json" in item for item in result.unreadable)
+    assert 'class="verdict' not in result.html.read_text(encoding="utf-8")

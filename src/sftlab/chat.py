@@ -8,6 +8,9 @@ question gets the answer the evaluation saw; `--temperature` samples instead.
 
 Commands inside the chat: `/reset` starts a new conversation, `/exit` (or Ctrl-D) ends.
 
+What the model writes is shown literally (terminal.py): control characters and escape
+sequences are printed as escapes; the conversation keeps the text as generated.
+
 Trade-off: the whole conversation is re-encoded at each turn (no KV cache kept across
 turns): simple and exact, and cheap next to generation at chat lengths.
 """
@@ -22,6 +25,7 @@ from sftlab.data import render
 from sftlab.evaluate import load_final_model, open_finished_run
 from sftlab.model import FINAL_DIR
 from sftlab.monitor import stop_token_ids
+from sftlab.terminal import visible
 
 COMMANDS = "/reset starts over, /exit (or Ctrl-D) ends"
 
@@ -55,7 +59,7 @@ def chat(run_dir: Path, lines: Iterable[str] | None = None, out: TextIO = sys.st
     model, tokenizer = load_tuned(run_dir)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
-    out.write(f"chatting with {Path(run_dir) / FINAL_DIR} ({COMMANDS})\n")
+    out.write(f"chatting with {visible(Path(run_dir) / FINAL_DIR)} ({COMMANDS})\n")
     for line in lines if lines is not None else _terminal_lines():
         text = line.strip()
         if text == "/exit":
@@ -94,7 +98,9 @@ class _Streamer:
         self.inner.on_finalized_text = self.write
 
     def write(self, text: str, stream_end: bool = False) -> None:
-        self.out.write(text)
+        # The model's text, shown and never obeyed: an escape sequence it generates must not drive the terminal.
+        # Escaping is per character, so a sequence split across two chunks is caught as well.
+        self.out.write(visible(text, multiline=True))
         self.out.flush()
 
     def put(self, value) -> None:

@@ -93,9 +93,12 @@ def demo(
     from sftlab.demo import DEMO_CONFIG, run_demo
     from sftlab.report import REPORT_FILE
 
-    print(f"sftlab demo: teach the embedded SmolLM2-135M-Instruct a strict JSON answer format ({DEMO_CONFIG})")
+    print(f"sftlab demo: teach the embedded SmolLM2-135M-Instruct the house person record, strict JSON ({DEMO_CONFIG})")
     result = run_demo(output, overrides=set_ or [], overwrite=overwrite, show_audit=_print_audit)
     _print_result(result)
+    verdict = _read_verdict(result.run_dir)
+    if verdict:
+        print(f"verdict: {verdict}")
     report = result.run_dir / REPORT_FILE
     if report.exists():
         print(f"report: {report}\ntalk to the tuned model: sftlab chat {result.run_dir}")
@@ -115,7 +118,9 @@ def diagnose(
     records, samples = read_history(path)
     memorization_loss = _configured_memorization_loss(path)
     diagnosis = run_diagnose(records, samples, memorization_loss=memorization_loss)
-    print(json.dumps(diagnosis.to_json(), indent=2) if json_out else diagnosis.render())
+    from sftlab.terminal import visible  # JSON escapes control characters itself; the text form must too
+
+    print(json.dumps(diagnosis.to_json(), indent=2) if json_out else visible(diagnosis.render(), multiline=True))
 
 
 @app.command("eval")
@@ -130,11 +135,18 @@ def eval_(
                         "default off).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", help="With --config: write before.json, after.json and "
                                                    "samples.jsonl into this directory (default: print only).")] = None,
+    require: Annotated[Optional[str], typer.Option("--require", help="Exit 1 unless the verdict is this one "
+                       "(worked, prompting_suffices, no_gain, regressed): a gate for pipelines.")] = None,
     set_: SetOption = None,
 ):
     """Held-out evaluation: loss, chat and format adherence, agreement with references, diversity,
-    memorization and retention, base model against tuned, with samples side by side."""
+    memorization and retention, for the base, prompted base and tuned model, with samples side by side,
+    and the verdict: did the fine-tune work, better than prompting?"""
     from sftlab.errors import UserError
+    from sftlab.verdict import VERDICTS
+
+    if require is not None and require not in VERDICTS:
+        raise UserError(f"--require {require}: not a verdict", hint=f"one of {', '.join(VERDICTS)}")
 
     if run_dir is not None and (model is not None or config is not None or output is not None):
         raise UserError("give a run directory, or --model/--config, not both",
@@ -145,15 +157,20 @@ def eval_(
     from sftlab.evaluate import AFTER_FILE, EVAL_DIR, evaluate_model_path, evaluate_run
 
     if run_dir is not None:
-        evaluate_run(run_dir, baseline=baseline, overrides=set_ or [])
+        result = evaluate_run(run_dir, baseline=baseline, overrides=set_ or [])
         from sftlab.report import write_report  # the report shows the evaluation: rebuild it
 
         report = write_report(run_dir)
-        print(f"wrote {run_dir / EVAL_DIR}/ ({AFTER_FILE}, samples.jsonl) and {report.html}")
-        return
-    evaluate_model_path(model, config, baseline=bool(baseline), output=output, overrides=set_ or [])
-    if output is not None:
-        print(f"wrote {output}/")
+        print(f"wrote {run_dir / EVAL_DIR}/ ({AFTER_FILE}, samples.jsonl, verdict.json) and {report.html}")
+    else:
+        result = evaluate_model_path(model, config, baseline=bool(baseline), output=output, overrides=set_ or [])
+        if output is not None:
+            print(f"wrote {output}/")
+    if require is not None:
+        verdict = result.verdict.verdict if result is not None and result.verdict is not None else "unknown"
+        if verdict != require:
+            print(f"required verdict {require}, got {verdict}", file=sys.stderr)
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -232,37 +249,57 @@ def _configured_memorization_loss(path: Path) -> float:
     return MonitorConfig().memorization_loss
 
 
+def _read_verdict(run_dir: Path) -> str | None:
+    from sftlab.evaluate import EVAL_DIR, VERDICT_FILE
+
+    try:
+        return json.loads((run_dir / EVAL_DIR / VERDICT_FILE).read_text(encoding="utf-8"))["headline"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _print_result(result) -> None:
+    from sftlab.terminal import visible
+
     if result.stopped:
-        print(f"stopped early at step {result.stopped['step']}: {result.stopped['reason']} ({result.stopped['evidence']})")
+        print(visible(f"stopped early at step {result.stopped['step']}: {result.stopped['reason']} "
+                      f"({result.stopped['evidence']})"))
     if result.final_dir.exists():
-        print(f"trained {result.global_step} steps; final model in {result.final_dir}")
+        print(f"trained {result.global_step} steps; final model in {visible(result.final_dir)}")
     else:
         print(f"trained {result.global_step} steps; no final model: no checkpoint was saved before the run stopped")
 
 
 def _print_audit(audit: dict) -> None:
-    """The audit, short enough to read: what was loaded, what was wrong, what will be trained."""
+    """The audit, short enough to read: what was loaded, what was wrong, what will be trained.
+
+    Everything that came from the data (paths, problems, examples, warnings quoting rows) is printed through
+    `literal`: shown as written, never parsed as markup nor obeyed by the terminal.
+    """
     from rich.console import Console
     from rich.table import Table
-    from rich.text import Text
+
+    from sftlab.terminal import literal
 
     console = Console(highlight=False)
     splits = audit["splits"]
-    console.print(f"[bold]train[/] {splits['train']['rows']} rows, {splits['train']['tokens']:,} tokens   "
-                  f"[bold]eval[/] {splits['eval']['rows']} rows" + ("   (cached)" if audit.get("cached") else ""))
+    train, held_out = splits["train"], splits["eval"]
+    cached = "   (cached)" if audit.get("cached") else ""
+    console.print(literal(("train", "bold"), f" {train['rows']} rows, {train['tokens']:,} tokens   ",
+                          ("eval", "bold"), f" {held_out['rows']} rows{cached}"))
     for source, fmt in audit["formats"].items():
         counts = audit["sources"].get(source, {})
-        console.print(f"  {source}: {fmt}, {counts.get('usable', '?')} of {counts.get('rows', '?')} rows usable")
+        usable, rows = counts.get("usable", "?"), counts.get("rows", "?")
+        console.print(literal(f"  {source}: {fmt}, {usable} of {rows} rows usable"))
     if audit["dropped"]["count"]:
         reasons = ", ".join(f"{count} {reason}" for reason, count in audit["dropped"]["reasons"].items())
-        console.print(f"[yellow]dropped {audit['dropped']['count']} rows[/]: {reasons}")
+        console.print(literal((f"dropped {audit['dropped']['count']} rows", "yellow"), f": {reasons}"))
     for problem in audit["problems"][:10]:
-        console.print(f"  {problem['file']}:{problem['line']}: {problem['message']}", markup=False)
+        console.print(literal(f"  {problem['file']}:{problem['line']}: {problem['message']}"))
     if len(audit["problems"]) > 10:
         console.print(f"  ... and {len(audit['problems']) - 10} more (see --json)")
     for duplicate in audit["duplicates"]["examples"][:3]:
-        console.print(f"  {duplicate['kind']} duplicate: {duplicate['again']} repeats {duplicate['first']}", markup=False)
+        console.print(literal(f"  {duplicate['kind']} duplicate: {duplicate['again']} repeats {duplicate['first']}"))
 
     lengths = Table("tokens", "min", "median", "p95", "max", box=None, padding=(0, 2))
     for part in ("prompt", "response", "total"):
@@ -275,21 +312,24 @@ def _print_audit(audit: dict) -> None:
                       f"{cut['tokens_cut']:,} tokens cut ({cut['trained_tokens_cut']:,} trained)")
     console.print(f"trained tokens: {audit['trained_tokens']:,} ({audit['trained_token_share']:.1%})")
     for number, example in enumerate(audit["examples"], start=1):
-        console.print(f"[dim]example {number} ({example['source']}:{example['line']}), trained part in green:[/]")
-        text = Text()
-        for segment in example["segments"]:
-            text.append(segment["text"], style="bold green" if segment["trained"] else "dim")
-        console.print(text if console.is_terminal else _bracket_trained(example["segments"]))
+        where = f"{example['source']}:{example['line']}"
+        console.print(literal((f"example {number} ({where}), trained part in green:", "dim")))
+        console.print(_marked_segments(example["segments"], coloured=console.is_terminal))
     for warning in audit["warnings"]:
-        console.print(f"[yellow]warning[/]: {warning}")
+        console.print(literal(("warning", "yellow"), f": {warning}"))
     for error in audit["errors"]:
-        console.print(f"[red]error[/]: {error}")
+        console.print(literal(("error", "red"), f": {error}"))
     console.print("[green]ok: training can go ahead[/]" if audit["ok"] else "[red]training cannot go ahead[/]")
 
 
-def _bracket_trained(segments: list[dict]) -> str:
-    # Without colour, mark the trained text with brackets that are rare in real data.
-    return "".join(f"⟦{s['text']}⟧" if s["trained"] else s["text"] for s in segments)
+def _marked_segments(segments: list[dict], coloured: bool):
+    """An example as trained: trained text in green on a terminal; without colour, between brackets that are
+    rare in real data. Multi-line, as the model sees it."""
+    from sftlab.terminal import literal
+
+    if coloured:
+        return literal(*((s["text"], "bold green" if s["trained"] else "dim") for s in segments), multiline=True)
+    return literal("".join(f"⟦{s['text']}⟧" if s["trained"] else s["text"] for s in segments), multiline=True)
 
 
 # Library messages that say nothing actionable about an sftlab run.
@@ -327,6 +367,7 @@ def _quiet_libraries() -> None:
 
 def main() -> None:
     from sftlab.errors import UserError
+    from sftlab.terminal import visible
 
     debug = "--debug" in sys.argv
     try:
@@ -334,9 +375,10 @@ def main() -> None:
     except UserError as error:
         if debug:
             raise
-        print(f"error: {error.message}", file=sys.stderr)
+        # messages quote file names and rows: shown, never obeyed by the terminal
+        print(f"error: {visible(error.message, multiline=True)}", file=sys.stderr)
         if error.hint:
-            print(f"hint: {error.hint}", file=sys.stderr)
+            print(f"hint: {visible(error.hint, multiline=True)}", file=sys.stderr)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -10,9 +10,10 @@ Trade-offs:
 - Validation happens before anything heavy is loaded. An unknown key anywhere is an
   error naming the key, its line in the file and the closest valid key: a misspelt
   `learning_rat` silently ignored would cost a whole run.
-- `training` values are type-checked against `SFTConfig`'s own annotations, and
-  cross-field rules are left to `SFTConfig` itself (see `train.build_sft_config`), so
-  sftlab never disagrees with TRL about what is valid.
+- `training` values are type-checked against `SFTConfig`'s own annotations and lists of
+  choices (`loss_type`, `packing_strategy`...), and cross-field rules are left to
+  `SFTConfig` itself (see `train.build_sft_config`), so sftlab never disagrees with TRL
+  about what is valid.
 - transformers 5 folded `warmup_ratio` into a fractional `warmup_steps`; the chapter and
   most recipes still say `warmup_ratio`, so sftlab accepts it and translates it.
 """
@@ -133,6 +134,59 @@ class FormatSpec(_Section):
         return self
 
 
+class PromptedBaselineConfig(_Section):
+    """The base model prompted as well as sftlab can without training: the chapter's first question
+    ("would an instruction-tuned model with well-crafted prompts suffice?"), measured."""
+
+    shots: int = Field(3, ge=0, le=32, description="Training examples put before each held-out prompt as earlier turns.")
+    system_prompt: str | None = Field(None, description="A system message for the prompted base model (none by default).")
+
+    @model_validator(mode="after")
+    def _prompts_something(self):
+        if self.shots == 0 and not self.system_prompt:
+            raise ValueError("eval.prompted_baseline with shots: 0 and no system_prompt is the base model itself; "
+                             "set shots, a system_prompt, or prompted_baseline: false")
+        return self
+
+
+# The built-in metrics a verdict can rest on (eval.primary), as named in before/after.json.
+BUILTIN_PRIMARY_METRICS = ("format", "chat", "exact_match", "rougeL")
+METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+
+
+class MetricSpec(_Section):
+    """A metric of the user's own: `score(answer, reference, prompt)` -> a number in [0, 1] (a bool counts as 0/1)."""
+
+    name: str = Field(description="How the metric is named in the eval files, the table and the verdict.")
+    function: str = Field(description='"path/to/file.py:score": a Python file (relative to the working directory, '
+                          "else to the config file) and the function in it.")
+
+    @field_validator("name")
+    @classmethod
+    def _a_plain_name(cls, name: str) -> str:
+        if not METRIC_NAME.match(name):
+            raise ValueError(f"eval.metrics name {name!r} must be letters, digits, _ or - (starting with a letter)")
+        if name in BUILTIN_PRIMARY_METRICS:
+            raise ValueError(f"eval.metrics name {name!r} is a built-in metric; choose another name")
+        return name
+
+    @field_validator("function")
+    @classmethod
+    def _file_and_function(cls, function: str) -> str:
+        path, _, attribute = function.rpartition(":")
+        if not path.endswith(".py") or not attribute.isidentifier():
+            raise ValueError(f'eval.metrics function {function!r} must look like "path/to/file.py:score"')
+        return function
+
+    @property
+    def path(self) -> Path:
+        return Path(self.function.rpartition(":")[0]).expanduser()
+
+    @property
+    def attribute(self) -> str:
+        return self.function.rpartition(":")[2]
+
+
 class EvalConfig(_Section):
     """Evaluation of the base and the tuned model on the held-out data (evaluate.py, `sftlab eval`)."""
 
@@ -149,14 +203,50 @@ class EvalConfig(_Section):
         "in any format data.train takes; null (or true): the small general set shipped with sftlab; false: off.",
     )
     show_samples: int = Field(3, ge=0, description="Held-out answers printed side by side (prompt, reference, base, tuned).")
+    prompted_baseline: PromptedBaselineConfig | Literal[False] = Field(
+        default_factory=PromptedBaselineConfig,
+        description="The base model with `shots` training examples (and system_prompt) before each prompt, evaluated "
+        "like the others: does prompting already do what the fine-tune does? false: off.",
+    )
+    metrics: list[MetricSpec] = Field(default_factory=list, description="Metrics of your own, computed for every model.")
+    primary: str | None = Field(
+        None, description="The metric the verdict rests on: a name from eval.metrics, or format, chat, exact_match, "
+        "rougeL. Default: the first of eval.metrics, else format when eval.format is set, else rougeL.",
+    )
 
     @field_validator("retention")
     @classmethod
     def _true_means_the_shipped_set(cls, value):
         return None if value is True else value
 
+    @field_validator("prompted_baseline", mode="before")
+    @classmethod
+    def _true_means_the_defaults(cls, value):
+        return {} if value is True or value is None else value
 
-FINDING_CODES = ("overfitting", "underfitting", "memorization", "instability", "inconsistent_format")
+    @model_validator(mode="after")
+    def _primary_is_measured(self):
+        names = [metric.name for metric in self.metrics]
+        if len(set(names)) < len(names):
+            raise ValueError(f"eval.metrics names a metric twice: {sorted({n for n in names if names.count(n) > 1})}")
+        if self.primary is not None and self.primary not in (*BUILTIN_PRIMARY_METRICS, *names):
+            raise ValueError(f"eval.primary {self.primary!r} is not a metric: choose one of "
+                             f"{', '.join([*names, *BUILTIN_PRIMARY_METRICS])}")
+        if self.primary == "format" and self.format is None:
+            raise ValueError("eval.primary: format needs eval.format (the format answers must follow)")
+        return self
+
+    @property
+    def primary_metric(self) -> str:
+        """eval.primary, or its default: the user's first metric, else format adherence, else ROUGE-L."""
+        if self.primary:
+            return self.primary
+        if self.metrics:
+            return self.metrics[0].name
+        return "format" if self.format is not None else "rougeL"
+
+
+FINDING_CODES = ("overfitting", "underfitting", "memorization", "instability", "inconsistent_format", "zero_loss")
 
 
 class MonitorConfig(_Section):
@@ -193,8 +283,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "save_steps": 100,
     "save_total_limit": 3,
     "max_length": 1024,
-    # auto: pack where attention has variable-length kernels (flash attention), else batch by length
-    # (see train.resolve_packing); explicit true/false are honoured, packing behind a contamination check.
+    # auto: pack where attention skips the work between examples (flash attention, flex_attention on
+    # GPUs), else batch by length (see speed.choose_packing); explicit true/false are honoured, packing
+    # behind a contamination check.
     "packing": "auto",
     "eval_packing": False,
     "assistant_only_loss": True,
@@ -242,6 +333,10 @@ class SftlabConfig(_Section):
                 raise _TrainingKeyError(
                     key, f"training.{key} = {value!r} is not a valid {_type_name(annotation)}"
                 ) from None
+            # TRL's own list of values (loss_type, packing_strategy...), as its command line enforces it.
+            choices = fields[key].metadata.get("choices") if key in fields else None
+            if choices and training[key] is not None and training[key] not in choices:
+                raise _TrainingKeyError(key, f"training.{key} = {value!r} is not one of: {', '.join(map(str, choices))}")
         return training
 
     @property
@@ -275,7 +370,19 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> SftlabConfig:
             apply_override(raw, override)
     _refuse_unrepresentable(raw, (), source=str(path), lines=lines)
     cfg = validate_config(raw, source=str(path), lines=lines)
-    return resolve_defaults(cfg, config_path=path)
+    return resolve_defaults(_with_metric_files_found(cfg, path.parent), config_path=path)
+
+
+def _with_metric_files_found(cfg: SftlabConfig, config_dir: Path) -> SftlabConfig:
+    """eval.metrics files as absolute paths, so the run's config.yaml finds them from anywhere:
+    relative to the working directory, else to the config file's directory."""
+    metrics = []
+    for metric in cfg.eval.metrics:
+        path = metric.path
+        if not path.is_absolute():
+            path = next((candidate.resolve() for candidate in (path, config_dir / path) if candidate.is_file()), path)
+        metrics.append(metric.model_copy(update={"function": f"{path}:{metric.attribute}"}))
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"metrics": metrics})}) if metrics else cfg
 
 
 def validate_config(raw: Any, source: str = "<config>", lines: dict[tuple, int] | None = None) -> SftlabConfig:

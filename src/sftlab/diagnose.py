@@ -4,7 +4,9 @@ The chapter describes three phases of a training loss curve (an initial sharp dr
 gradual stabilization, convergence) and five warning signs: overfitting (eval loss rising,
 or falling much more slowly than train loss), underfitting (no significant improvement),
 memorization (extremely low loss), instability (a learning rate too high: spikes,
-divergence, NaN) and inconsistent output formatting. `diagnose` turns the logged metrics
+divergence, NaN) and inconsistent output formatting. One more sign is not the chapter's:
+a loss of exactly 0 from the first logs (`zero_loss`) means no token is trained at all,
+a masking or label bug, not a model that learned everything. `diagnose` turns the logged metrics
 (and the samples generated at each evaluation) into a `Diagnosis`: the phase, and findings
 with a code, a severity, the steps concerned, the numbers that triggered them and the
 chapter's remedies.
@@ -37,8 +39,10 @@ __all__ = ["PHASES", "SEVERITIES", "CODES", "Finding", "Diagnosis", "diagnose", 
 
 PHASES = ("initial_sharp_drop", "gradual_stabilization", "converged")
 NOT_STARTED = "not_started"
+DIVERGING = "diverging"  # not one of the chapter's phases: the loss climbs instead of settling
 SEVERITIES = ("info", "warning", "error")
-CODES = ("overfitting", "underfitting", "memorization", "instability", "inconsistent_format", "healthy", "no_eval_data")
+CODES = ("overfitting", "underfitting", "memorization", "instability", "inconsistent_format", "zero_loss", "healthy",
+         "no_eval_data")
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples_during_training.jsonl"
@@ -73,6 +77,17 @@ UNDERFIT_EVAL_REL = 0.05  # ... and eval loss (far less noisy than train loss) d
 MEMO_MIN_POINTS = 3  # the extremely low loss must hold for the last 3 logs (median), not one lucky batch.
 MEMO_EVAL_HIGH_FACTOR = 4.0  # eval loss at 4x the memorization threshold or more (0.2 for 0.05) is "much higher": train is memorized.
 #   Below that, train and eval are both very low: a deterministic task (strict JSON extraction), reported as info only.
+# Memorization relative to the run: an absolute threshold misses a chat set whose loss starts at 5.7 and ends at 0.057.
+MEMO_REL = 0.02  # the train loss ended at 2% of where it started or less (a healthy fine-tune keeps 10%+ of its start:
+#   measured on real runs of 5-15 epochs that keep 11-46%) ...
+MEMO_MIN_EPOCHS = 5.0  # ... over 5 epochs or more: well past the chapter's 1-3, each example seen again and again
+#   (a steep fall within one pass is an easy target, not a memorized one) ...
+MEMO_REL_MIN_POINTS = 10  # ... seen in at least 10 train logs.
+
+# Zero loss: nothing is trained (every label masked, or a loss that ignores the labels).
+ZERO_LOSS_MAX = 5e-5  # a logged loss that rounds to 0.0000 (transformers logs 4 decimals) ...
+ZERO_LOSS_EARLY_LOGS = 3  # ... from the first 3 logs on (a loss that falls to 0 has first trained something) ...
+ZERO_LOSS_SHARE = 0.8  # ... and at 80% of all logs or more.
 
 # Overfitting.
 OVERFIT_MIN_EVALS = 3  # at least 3 eval points before any overfitting call: two points are a slope, not a trend.
@@ -122,6 +137,13 @@ GRAD_MIN_HISTORY = 4  # ... (with at least 4 of them) ...
 GRAD_EXPLOSION_RUN = 2  # ... and it counts when it lasts 2 consecutive logs ...
 GRAD_EXPLOSION_COUNT = 3  # ... or happens 3 times (clipping absorbs an isolated one) ...
 GRAD_EXTREME_FACTOR = 100.0  # ... or once at 100x: the update direction is garbage even when clipped.
+GRAD_QUIET_LOSS = 0.05  # none of it counts while the train loss sits below 0.05: a model that fits its batches almost
+#   exactly has gradients near 0, so one batch with a few mispredicted tokens multiplies the norm 100x (0.003 -> 2.7)
+#   at no risk ...
+GRAD_QUIET_MAX = 10.0  # ... as long as the blip stays under 10 (ten times the default max_grad_norm, which clips it).
+# Instability: a run that ends far above where it started, however short (1.6 -> 10.4 in 8 logs).
+DIVERGE_END_REL = 0.5  # the last logs all sit 50% or more above the start level (a healthy run never ends above it) ...
+DIVERGE_END_POINTS = 3  # ... the last 3 of them, past the start logs (one high log is a spike, three are a new level).
 
 # Inconsistent format (shares of sampled generations that end with the end-of-turn token and follow the format).
 FORMAT_MIN_EVALS = 3  # at least 3 evaluations with samples.
@@ -168,6 +190,16 @@ ADVICE = {
         "Make the training examples more consistent in format.",
         "Train longer.",
         "Read the outputs in samples_during_training.jsonl.",
+    ],
+    "zero_loss": [
+        "A loss of exactly 0 trains nothing: check that some labels are not -100 (`sftlab check` shows the trained "
+        "part of each example and the trained-token share).",
+        "With a response template or assistant-only loss, check that its markers occur in the rendered data.",
+        "Check that the collator keeps the labels (a custom collator or `labels` column can zero them).",
+    ],
+    "eval_non_finite": [
+        "An eval loss of NaN while training stays finite usually means eval batches without a trained token (0/0): "
+        "check what max_length cuts from the eval examples (`sftlab check`), and the eval data's format.",
     ],
     "healthy": ["Evaluate the best checkpoint on held-out prompts before using it."],
     "no_eval_data": ["Hold out an eval set (data.eval_split or data.eval) and evaluate regularly (eval_steps)."],
@@ -370,10 +402,12 @@ def diagnose(records: list[dict], samples: list[dict] = (), memorization_loss: f
     train_steps, train = _finite(train_steps_all, train_all)
     eval_steps, evals = _finite(eval_steps_all, eval_all)
     grad_steps, grad = _finite(grad_steps_all, grad_all)
+    epochs = _epochs(records)
 
     phase, summary = _phase(train_steps, train)
     findings: list[Finding] = []
     notes: list[str] = []
+    zero = _zero_loss(train_steps, train, grad)
 
     # instability: non-finite values first (they stop the run), then the curve's own signs
     instability: list[tuple[str, int, int, str]] = []  # (severity, first, last, evidence)
@@ -381,18 +415,26 @@ def diagnose(records: list[dict], samples: list[dict] = (), memorization_loss: f
                                                        ("eval_loss", eval_steps_all, eval_all),
                                                        ("grad_norm", grad_steps_all, grad_all))
            for s, v in zip(steps, values) if not math.isfinite(v)]
+    only_eval = bool(bad) and all(name == "eval_loss" for _, name, _ in bad)
     if bad:
         bad.sort()
         first_step, name, value = bad[0]
         names = sorted({b[1] for b in bad})
+        context = (" while train loss and grad_norm stay finite: the eval numbers (and the best checkpoint) cannot be "
+                   "trusted" if only_eval else "")
         instability.append(("error", first_step, bad[-1][0],
-                            f"{name} is {value} at step {first_step} ({len(bad)} non-finite value(s) in {', '.join(names)})"))
+                            f"{name} is {value} at step {first_step} ({len(bad)} non-finite value(s) in "
+                            f"{', '.join(names)}){context}"))
     jumps, frequent, still_up = _spikes(train_steps, train)
-    divergence = _divergence(train_steps, train)
-    instability += jumps + frequent + divergence + _grad_explosions(grad_steps, grad)
+    divergence = _divergence(train_steps, train) or _ended_above_start(train_steps, train)
+    if divergence:
+        phase = DIVERGING
+    instability += jumps + frequent + divergence + _grad_explosions(grad_steps, grad, train_steps, train)
     if instability:
         severity = "error" if any(item[0] == "error" for item in instability) else "warning"
         advice = ([ADVICE["non_finite"][0]] + ADVICE["instability"] + ADVICE["non_finite"][1:]) if bad else ADVICE["instability"]
+        if only_eval:
+            advice = ADVICE["eval_non_finite"] + advice
         findings.append(Finding("instability", severity, (min(i[1] for i in instability), max(i[2] for i in instability)),
                                 "; ".join(item[3] for item in instability), advice))
     # a train loss that jumped or climbed and stays up: a rising eval loss is then instability, not overfitting
@@ -407,8 +449,11 @@ def diagnose(records: list[dict], samples: list[dict] = (), memorization_loss: f
                                 "no eval loss was logged, so overfitting and the train/eval gap cannot be checked",
                                 ADVICE["no_eval_data"]))
 
-    for rule in (None if train_rising else _underfitting(train_steps, train, eval_steps, evals, lr_steps, lr, phase),
-                 _memorization(train_steps, train, eval_steps, evals, memorization_loss),
+    # a loss of exactly 0 is a bug, not a model that learned (underfitting and memorization say nothing then)
+    underfit = None if train_rising or zero else _underfitting(train_steps, train, eval_steps, evals, lr_steps, lr,
+                                                               phase)
+    for rule in (zero, underfit,
+                 None if zero else _memorization(train_steps, train, eval_steps, evals, memorization_loss, epochs),
                  _inconsistent_format(samples)):
         if rule:
             findings.append(rule)
@@ -539,12 +584,13 @@ def _relative_noise(values: np.ndarray) -> float:
     return _noise(np.log(np.maximum(values[-200:], 1e-8)))
 
 
-def _grad_explosions(steps: np.ndarray, grad: np.ndarray) -> list[tuple[str, int, int, str]]:
+def _grad_explosions(steps: np.ndarray, grad: np.ndarray, train_steps: np.ndarray,
+                     train: np.ndarray) -> list[tuple[str, int, int, str]]:
     exploded, worst = [], (0.0, 0, 0.0)  # indices; (ratio, index, reference)
     references = _trailing(grad, SPIKE_WINDOW, _median_rows)
     for i in range(GRAD_MIN_HISTORY, len(grad)):
         reference = float(references[i])
-        if reference <= 0:
+        if reference <= 0 or _quiet(steps[i], grad[i], train_steps, train):
             continue
         ratio = grad[i] / reference
         if ratio >= GRAD_EXPLOSION_FACTOR:
@@ -563,6 +609,27 @@ def _grad_explosions(steps: np.ndarray, grad: np.ndarray) -> list[tuple[str, int
                  f"grad_norm reached {_fmt(grad[at])} at step {steps[at]}, {ratio:.0f}x its recent median {_fmt(reference)} "
                  f"({len(exploded)} log(s) at {GRAD_EXPLOSION_FACTOR:.0f}x or more)")]
     return []
+
+
+def _quiet(step: int, value: float, train_steps: np.ndarray, train: np.ndarray) -> bool:
+    """A grad-norm blip while the train loss sits near 0 (the median of the logs before it): harmless."""
+    before = train[train_steps < step][-SPIKE_WINDOW:]
+    return len(before) > 0 and float(np.median(before)) < GRAD_QUIET_LOSS and value < GRAD_QUIET_MAX
+
+
+def _ended_above_start(steps: np.ndarray, loss: np.ndarray) -> list[tuple[str, int, int, str]]:
+    """A loss that ends far above where it started and stays there, even in a short run (too few logs for
+    `_divergence`'s smoothing)."""
+    if len(loss) < ZERO_LOSS_EARLY_LOGS + DIVERGE_END_POINTS:
+        return []
+    start, tail = _start_level(loss), loss[-DIVERGE_END_POINTS:]
+    if start <= 0 or not np.all(tail >= start * (1 + DIVERGE_END_REL)) or float(np.min(tail)) - start <= SPIKE_MIN_ABS:
+        return []
+    rose = int(np.argmax(loss >= start * (1 + DIVERGE_END_REL)))
+    now = float(np.median(tail))
+    return [("warning", int(steps[rose]), int(steps[-1]),
+             f"train loss ended at {_fmt(now)}, {_pct(now, start)} above where it started ({_fmt(start)}), "
+             f"above it since step {steps[rose]}: the run diverged")]
 
 
 def _overfitting(train_steps, train, eval_steps, evals, train_rising: bool) -> Finding | None:
@@ -668,23 +735,30 @@ def _underfitting(train_steps, train, eval_steps, evals, lr_steps, lr, phase: st
                    ADVICE["underfitting"])
 
 
-def _memorization(train_steps, train, eval_steps, evals, threshold: float) -> Finding | None:
+def _memorization(train_steps, train, eval_steps, evals, threshold: float, epochs: float) -> Finding | None:
+    """An extremely low train loss: below the absolute threshold, or a tiny fraction of where it started after many
+    epochs (a loss that starts high ends above any fixed threshold however well the data is memorized)."""
     if len(train) < MEMO_MIN_POINTS:
         return None
-    now = float(np.median(train[-MEMO_MIN_POINTS:]))
-    if now >= threshold:
+    now, start = float(np.median(train[-MEMO_MIN_POINTS:])), _start_level(train)
+    relative = (epochs >= MEMO_MIN_EPOCHS and len(train) >= MEMO_REL_MIN_POINTS and start > 0
+                and now <= MEMO_REL * start)
+    if now >= threshold and not relative:
         return None
+    limit = threshold if now < threshold else MEMO_REL * start
+    reasons = ([f"below {_fmt(threshold)}"] if now < threshold else []) + (
+        [f"{now / start:.1%} of its start {_fmt(start)} after {epochs:.0f} epochs"] if relative else [])
     smooth = _rolling_median(train, 3)
-    above = np.nonzero(smooth >= threshold)[0]
+    above = np.nonzero(smooth >= limit)[0]
     since = min(int(above[-1]) + 1, len(train) - 1) if len(above) else 0
     steps = (int(train_steps[since]), int(train_steps[-1]))
-    low = f"train loss {_fmt(now)} (below {_fmt(threshold)}) since step {steps[0]}"
+    low = f"train loss {_fmt(now)} ({'; '.join(reasons)}) since step {steps[0]}"
     if not len(evals):
         return Finding("memorization", "warning", steps,
                        f"{low}, with no eval loss to tell memorization from an easy, deterministic task",
                        ADVICE["memorization"])
     eval_now = float(evals[-1])
-    if eval_now >= MEMO_EVAL_HIGH_FACTOR * threshold:
+    if eval_now >= MEMO_EVAL_HIGH_FACTOR * limit:
         return Finding("memorization", "warning", (steps[0], max(steps[1], int(eval_steps[-1]))),
                        f"{low} while eval loss is {_fmt(eval_now)} at step {eval_steps[-1]}: "
                        f"training examples are reproduced, held-out ones are not", ADVICE["memorization"])
@@ -692,6 +766,23 @@ def _memorization(train_steps, train, eval_steps, evals, threshold: float) -> Fi
                    f"{low}, and eval loss is very low too ({_fmt(eval_now)} at step {eval_steps[-1]}): "
                    f"consistent with a deterministic task rather than memorization",
                    ADVICE["memorization_low_both"])
+
+
+def _zero_loss(steps: np.ndarray, loss: np.ndarray, grad: np.ndarray) -> Finding | None:
+    """A train loss of exactly 0 from the first logs: no token is trained."""
+    zero = np.abs(loss) <= ZERO_LOSS_MAX
+    if len(loss) < ZERO_LOSS_EARLY_LOGS or not zero[:ZERO_LOSS_EARLY_LOGS].all() or zero.mean() < ZERO_LOSS_SHARE:
+        return None
+    flat_grad = f", grad_norm {_fmt(float(np.max(np.abs(grad))))} at most" if len(grad) else ""
+    return Finding("zero_loss", "error", (int(steps[0]), int(steps[-1])),
+                   f"train loss is 0 at {int(zero.sum())} of {len(loss)} logs, from step {steps[0]}{flat_grad}: "
+                   f"nothing is being trained (a masking or label bug), which is not memorization", ADVICE["zero_loss"])
+
+
+def _epochs(records) -> float:
+    """The epochs the logs reach (0 when they do not say)."""
+    _, epochs = _finite(*_series(records, "epoch"))
+    return float(epochs.max()) if len(epochs) else 0.0
 
 
 def _format_shares(samples) -> list[tuple[int, float, int]]:

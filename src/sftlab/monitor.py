@@ -164,8 +164,11 @@ class ProgressBar(TrainerCallback):
             self.progress.stop()
             self.progress = None
 
-    def say(self, text: str) -> None:
-        (self.progress.console if self.progress is not None else self.console).print(text, soft_wrap=True)
+    def say(self, *parts: str | tuple[str, str]) -> None:
+        """A note above the bar: each part shown literally, or (text, style) for sftlab's own labels."""
+        from sftlab.terminal import literal
+
+        (self.progress.console if self.progress is not None else self.console).print(literal(*parts), soft_wrap=True)
 
 
 # =========================================================================== outputs
@@ -290,10 +293,11 @@ class LiveDiagnosis(TrainerCallback):
         for finding in diagnosis.findings:
             if finding.severity in {"warning", "error"} and finding.code not in self.reported:
                 self.reported.add(finding.code)
-                self.progress.say(f"[yellow]{finding.code}[/] (steps {finding.steps[0]}-{finding.steps[1]}): {finding.evidence}")
+                first, last = finding.steps
+                self.progress.say((finding.code, "yellow"), f" (steps {first}-{last}): {finding.evidence}")
             if finding.code in self.cfg.stop_on and finding.severity in {"warning", "error"}:
                 record_stop(self.run_dir, finding.code, state.global_step, finding.evidence)
-                self.progress.say(f"[red]stopping[/]: {finding.code} is in monitor.stop_on")
+                self.progress.say(("stopping", "red"), f": {finding.code} is in monitor.stop_on")
                 control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -307,6 +311,20 @@ class LiveDiagnosis(TrainerCallback):
         if self.cfg.plots:
             plot_curves(self.run_dir, records, diagnosis)
         return diagnosis
+
+
+class LiveReport(TrainerCallback):
+    """report.html at each evaluation (after the diagnosis and plots are refreshed), so a browser shows
+    curves, findings and samples while the run goes on. `write(run_dir, live=True)` writes it: the
+    report stage's own function, handed in by train.py."""
+
+    def __init__(self, run_dir: Path, write):
+        self.run_dir = Path(run_dir)
+        self.write = write
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.write(self.run_dir, live=True)
 
 
 def record_stop(run_dir: Path, reason: str, step: int, evidence: str) -> None:

@@ -57,9 +57,11 @@ from sftlab.diagnose import (
     METRICS_FILE, TRAINER_STATE_FILE, UNDERFIT_MIN_STEPS, Diagnosis, Finding, diagnose, read_history,
 )
 from sftlab.errors import UserError
-from sftlab.evaluate import AFTER_FILE, BEFORE_FILE, EVAL_DIR, SAMPLES_FILE
+from sftlab.evaluate import AFTER_FILE, BEFORE_FILE, EVAL_DIR, PROMPTED_FILE, SAMPLES_FILE, VERDICT_FILE
+from sftlab.metrics import format_value, metric_rows, primary_location
 from sftlab.model import FINAL_DIR
 from sftlab.monitor import DIAGNOSIS_FILE, PLOTS, STOPPED_FILE, read_jsonl, write_atomically
+from sftlab.verdict import RETENTION_RISE_REL, VERDICTS
 
 __all__ = ["write_report", "write_run_info", "write_audit", "read_run", "model_card", "render_html", "Run", "Status",
            "ReportResult"]
@@ -73,6 +75,9 @@ EXPORTS_FILE = "exports.json"  # written by `sftlab export` (export.py): the fil
 _AUDIT = f"{EVAL_DIR}/{AUDIT_FILE}"
 _BEFORE = f"{EVAL_DIR}/{BEFORE_FILE}"
 _AFTER = f"{EVAL_DIR}/{AFTER_FILE}"
+_PROMPTED = f"{EVAL_DIR}/{PROMPTED_FILE}"
+_VERDICT = f"{EVAL_DIR}/{VERDICT_FILE}"
+LIVE_REFRESH_SECONDS = 30  # a report written during training reloads itself this often in the browser
 _EVAL_SAMPLES = f"{EVAL_DIR}/{SAMPLES_FILE}"
 
 # The embedded default model is SmolLM2-135M-Instruct: its hub id and license go into the card.
@@ -83,8 +88,6 @@ PACKAGES = ("sftlab", "torch", "transformers", "trl", "peft", "accelerate", "dat
 # --------------------------------------------------------------------------- limitation thresholds
 ADHERENCE_MIN = 0.9  # under 90% of held-out answers in format (or ending their turn), a caller must expect and handle
 #   failures on every tenth request: worth saying, whatever the cause.
-RETENTION_RISE_REL = 0.05  # general-text loss 5%+ above the base model's is measurable forgetting: the same model on the
-#   same text moves by well under 1% from run to run, and 5% is about where perplexity changes show in outputs.
 SHORT_EPOCHS = 1.0  # under one epoch, part of the training data was never seen (the chapter advises 1-3 epochs) ...
 SHORT_STEPS = UNDERFIT_MIN_STEPS  # ... and under this many steps the diagnosis cannot yet judge the curves at all.
 MANY_EPOCHS = 3.0  # over 3 epochs: past the chapter's 1-3, where memorization becomes likely.
@@ -111,7 +114,9 @@ class Run:
     diagnosis_source: str = ""
     stopped: dict | None = None
     before: dict | None = None
+    prompted: dict | None = None
     after: dict | None = None
+    verdict: dict | None = None  # eval/verdict.json, checked for shape (see _read_verdict)
     eval_samples: list[dict] = field(default_factory=list)
     trainer_state: dict | None = None  # the newest checkpoint's, for the planned steps of a killed run
     plots: dict[str, bytes] = field(default_factory=dict)  # name -> PNG
@@ -148,7 +153,10 @@ def read_run(run_dir: str | Path, plots: bool = True) -> Run:
     baseline = _get(run.config, "eval", "baseline")
     run.before = _read_json(run, _BEFORE, "the base model's evaluation: no before/after comparison"
                             if baseline is not False else None)
+    run.prompted = _read_json(run, _PROMPTED, "the prompted base model's evaluation: prompting is not compared"
+                              if _get(run.config, "eval", "prompted_baseline") not in (False, None) else None)
     run.after = _read_json(run, _AFTER, "the evaluation of the fine-tuned model: results are unmeasured")
+    run.verdict = _read_verdict(run)
     run.eval_samples = _read_samples(run, _EVAL_SAMPLES, "side-by-side answers of the base and fine-tuned models")
     run.trainer_state = _newest_trainer_state(path)
     run.has_final = (run.final_dir / "config.json").is_file() or (run.final_dir / "adapter_config.json").is_file()
@@ -159,6 +167,19 @@ def read_run(run_dir: str | Path, plots: bool = True) -> Run:
     if plots:
         run.plots = _plots(run)
     return run
+
+
+def _read_verdict(run: Run) -> dict | None:
+    """eval/verdict.json when its verdict and headline are usable; the report shows nothing it cannot trust."""
+    verdict = _read_json(run, _VERDICT, "the verdict: whether the fine-tune worked is not decided"
+                         if run.after is not None else None)
+    if verdict is None:
+        return None
+    if _get(verdict, "verdict") not in VERDICTS or not isinstance(_get(verdict, "headline"), str):
+        run.unreadable.append(f"{_VERDICT}: not a verdict")
+        return None
+    return {"verdict": verdict["verdict"], "headline": verdict["headline"], "primary": str(_get(verdict, "primary")),
+            "reasons": [str(r) for r in _list(verdict, "reasons")], "caveats": [str(c) for c in _list(verdict, "caveats")]}
 
 
 def _read_text(run: Run, relative: str, missing: str | None) -> str | None:
@@ -545,39 +566,28 @@ def current_versions() -> dict[str, str]:
 # --------------------------------------------------------------------------- results
 
 
-# (label, keys in before/after.json, format, which way is better)
-RESULT_METRICS = (
-    ("held-out loss (trained tokens)", ("loss", "loss"), "loss", "lower"),
-    ("held-out perplexity", ("loss", "perplexity"), "float", "lower"),
-    ("answers that end their turn", ("adherence", "chat"), "share", "higher"),
-    ("answers that follow eval.format", ("adherence", "format"), "share", "higher"),
-    ("exact match with the reference", ("reference", "exact_match"), "share", "higher"),
-    ("ROUGE-L against the reference", ("reference", "rougeL"), "float", "higher"),
-    ("distinct-1 (word diversity)", ("diversity", "distinct_1"), "float", "higher"),
-    ("distinct-2 (bigram diversity)", ("diversity", "distinct_2"), "float", "higher"),
-    ("duplicate answers", ("diversity", "duplicate_share"), "share", "lower"),
-    ("answers copying a training response verbatim", ("memorization", "verbatim_share"), "share", "lower"),
-    ("mean longest n-gram shared with training responses", ("memorization", "mean_longest_common_ngram"), "float", "lower"),
-    ("retention loss (general text)", ("retention", "loss"), "loss", "lower"),
-    ("retention perplexity", ("retention", "perplexity"), "float", "lower"),
-)
-
-
 def results(run: Run) -> list[dict]:
-    """Each metric before and after, formatted, with its change and whether that change is an improvement."""
+    """Each metric for the base, prompted base and tuned model, formatted, with the tuned model's changes
+    and whether each is an improvement; the verdict's primary metric marked."""
+    user_metrics = sorted({key for result in (run.before, run.prompted, run.after)
+                           for key in (_get(result, "metrics") if isinstance(_get(result, "metrics"), dict) else {})})
+    primary = primary_location(run.verdict["primary"]) if run.verdict else None
     rows = []
-    for label, keys, kind, better in RESULT_METRICS:
-        before, after = _num(run.before, *keys), _num(run.after, *keys)
-        if before is None and after is None:
+    for row in metric_rows(user_metrics):
+        before, prompted, after = (_num(result, row.group, row.key) for result in (run.before, run.prompted, run.after))
+        if before is None and prompted is None and after is None:
             continue
-        change, verdict = "", ""
-        if before is not None and after is not None:
-            delta = after - before
-            change = "no change" if not delta else f"{delta * 100:+.1f} pts" if kind == "share" else f"{delta:+.4g}"
-            if delta:
-                verdict = "better" if (delta < 0) == (better == "lower") else "worse"
-        rows.append({"label": label, "before": fmt(before, kind), "after": fmt(after, kind), "change": change,
-                     "verdict": verdict})
+        entry = {"label": row.label, "before": fmt(before, row.kind), "prompted": fmt(prompted, row.kind),
+                 "after": fmt(after, row.kind), "primary": (row.group, row.key) == primary}
+        for name, other in (("change", before), ("change_prompted", prompted)):
+            change, verdict = "", ""
+            if other is not None and after is not None:
+                delta = after - other
+                change = "no change" if not delta else format_value(delta, row.kind, signed=True)
+                if delta:
+                    verdict = "better" if (delta < 0) == (row.better == "lower") else "worse"
+            entry[name], entry[name.replace("change", "verdict")] = change, verdict
+        rows.append(entry)
     return rows
 
 
@@ -789,6 +799,9 @@ def _card_summary(run: Run, status: Status) -> str:
             sentence += f" ({facts['epochs']:.2f} epochs"
             sentence += f", {int(facts['trained_tokens'][1]):,} trained tokens)" if facts["trained_tokens"] else ")"
     lines.append(sentence + ".")
+    if run.verdict:
+        lines += ["", f"**Verdict: {_md(run.verdict['headline'])}.**"]
+        lines += [f"- caveat: {_md(caveat)}" for caveat in run.verdict["caveats"]]
     lines += ["", f"**Status: {_md(status.headline)}.**"]
     loss_before, loss_after = _num(run.before, "loss", "loss"), _num(run.after, "loss", "loss")
     if loss_after is not None:
@@ -898,11 +911,26 @@ def _card_results(run: Run) -> str:
     setup = evaluation_setup(run)
     if setup:
         lines += [f"Evaluated on {_md(setup)}.", ""]
-    lines += ["| metric | base model (before) | fine-tuned (after) | change |", "|---|---|---|---|"]
-    lines += [f"| {row['label']} | {row['before']} | {row['after']} | {row['change']}"
-              + (f" ({row['verdict']})" if row["verdict"] else "") + " |" for row in rows]
+    lines += ["| metric | base model (before) | prompted base model | fine-tuned (after) | change vs base | "
+              "change vs prompted |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        label = f"**{row['label']}** (primary)" if row["primary"] else row["label"]
+        changes = [row[key] + (f" ({row[key.replace('change', 'verdict')]})" if row[key.replace("change", "verdict")]
+                               else "") for key in ("change", "change_prompted")]
+        lines.append(f"| {label} | {row['before']} | {row['prompted']} | {row['after']} | {changes[0]} | {changes[1]} |")
+    if run.verdict:
+        lines += ["", f"Verdict on the primary metric: {_md(run.verdict['headline'])}."]
+        lines += [f"- {_md(reason)}" for reason in run.verdict["reasons"]]
     if run.before is None:
         lines += ["", f"No baseline: {_BEFORE} is missing (eval.baseline)."]
+    if run.prompted is None:
+        lines += ["", f"No prompted baseline: {_PROMPTED} is missing (eval.prompted_baseline)."]
+    elif isinstance(_get(run.prompted, "prompting"), dict):
+        prompting = run.prompted["prompting"]
+        lines += ["", f"The prompted base model answered each prompt with {fmt(_num(prompting, 'shots'), 'int')} "
+                  "training examples before it as earlier turns"
+                  + (f" and the system prompt {_code(prompting.get('system_prompt'))}"
+                     if isinstance(prompting.get("system_prompt"), str) else "") + "."]
     return "\n".join(lines)
 
 
@@ -1010,7 +1038,7 @@ def _card_versions(run: Run) -> str:
 # =========================================================================== the HTML report
 
 
-def render_html(run: Run, card: str, status: Status | None = None) -> str:
+def render_html(run: Run, card: str, status: Status | None = None, live: bool = False) -> str:
     import jinja2
     from markupsafe import Markup
 
@@ -1027,6 +1055,8 @@ def render_html(run: Run, card: str, status: Status | None = None) -> str:
         samples=samples[:SAMPLES_SHOWN], samples_total=len(samples), samples_source=samples_source,
         limitations=known_limitations(run, status), card_front=front, card_html=Markup(_markdown_to_html(body)),
         fmt=fmt, duration=duration, final_dir=FINAL_DIR, eval_samples_file=_EVAL_SAMPLES,
+        verdict=run.verdict, live=live, refresh_seconds=LIVE_REFRESH_SECONDS,
+        has_prompted=run.prompted is not None or any(s.get("prompted_output") is not None for s in samples),
         exports=exported_files(run.path),
     )
 
@@ -1099,17 +1129,21 @@ class ReportResult:
     unreadable: list[str]
 
 
-def write_report(run_dir: str | Path) -> ReportResult:
-    """Write final/README.md (when final/ exists) and report.html from the run directory alone."""
+def write_report(run_dir: str | Path, live: bool = False) -> ReportResult:
+    """Write final/README.md (when final/ exists) and report.html from the run directory alone.
+
+    `live`: written during training, the page says so and reloads itself every
+    LIVE_REFRESH_SECONDS; the card is left for the end of the run.
+    """
     run = read_run(run_dir)
     status = run_status(run)
     card = model_card(run, status)
     card_path = None
-    if run.has_final:
+    if run.has_final and not live:
         card_path = run.final_dir / CARD_FILE
         _write_atomically(card_path, card)
     html_path = run.path / REPORT_FILE
-    _write_atomically(html_path, render_html(run, card, status))
+    _write_atomically(html_path, render_html(run, card, status, live=live))
     return ReportResult(html=html_path, card=card_path, status=status, missing=run.missing, unreadable=run.unreadable)
 
 

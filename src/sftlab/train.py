@@ -1,8 +1,8 @@
 """Train: one supervised fine-tune with TRL's SFTTrainer, read top to bottom.
 
     config -> run directory -> tokenizer -> data -> model -> SFTConfig -> SFTTrainer
-           -> evaluate the base model -> train (or resume) -> final/ (model or LoRA
-           adapter + tokenizer) -> evaluate the tuned model -> report
+           -> evaluate the base model, plain and prompted -> train (or resume) -> final/
+           (model or LoRA adapter + tokenizer) -> evaluate the tuned model -> verdict -> report
 
 TRL does the training and the distribution across processes; this file only decides
 what goes in and where it is written. The data arrives already tokenized with its
@@ -35,14 +35,19 @@ from sftlab.config import CONFIG_FILE, SftlabConfig, settings_needing_eval_data
 from sftlab.data import preparation_settings, prepare_data
 from sftlab.errors import ConfigError, DataError, UserError
 from sftlab.evaluate import evaluate_after_training, evaluate_before_training, held_out_set
+from sftlab.metrics import load_user_metrics
 from sftlab.model import (
-    FINAL_DIR, activation_bytes_per_token, add_default_chat_template, load_model, training_state_bytes, load_tokenizer, packing_contamination, packing_tolerance, peft_config,
+    FINAL_DIR, activation_bytes_per_token, add_default_chat_template, load_model, load_tokenizer, peft_config,
+    training_state_bytes,
 )
 from sftlab.monitor import (
-    METRICS_FILE, STOPPED_FILE, LiveDiagnosis, MetricsLogger, NonFiniteGuard, OutputSampler, ProgressBar, read_stop,
+    METRICS_FILE, STOPPED_FILE, LiveDiagnosis, LiveReport, MetricsLogger, NonFiniteGuard, OutputSampler, ProgressBar, read_stop,
     trim_metrics, write_atomically,
 )
 from sftlab.report import write_audit, write_report, write_run_info
+from sftlab.speed import (
+    PackingChoice, accelerator_type, check_speed_options, packing_for, refuse_contaminating_packing, use_attention,
+)
 
 RUN_MARKER = ".sftlab-run"
 COMPLETE_MARKER = "sftlab-complete.json"  # written into a checkpoint once everything in it is saved
@@ -65,6 +70,11 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
     from accelerate import PartialState
 
     processes = PartialState(cpu=not has_accelerator())  # on CPUs, several processes talk over gloo
+    load_user_metrics(cfg.eval.metrics)  # the user's own metric code: a broken one fails now, not after training
+    # Speed options that cannot work here (Liger on a CPU...) fail now, before any data is prepared.
+    for warning in check_speed_options(cfg, accelerator_type()):
+        if processes.is_main_process:
+            print_note(warning, console, warning=True)
     run_dir = prepare_run_dir(cfg.output_dir, resume=resume, overwrite=overwrite, processes=processes)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None and processes.is_main_process:
@@ -84,15 +94,16 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
         model = load_model(cfg.model, tokenizer)
 
     # 5. SFTConfig from the `training` section, validated by TRL itself, with the default batch
-    #    fed in micro-batches that fit in memory on a CPU. Packing is refused unless this model
-    #    and attention implementation keep packed examples apart.
+    #    fed in micro-batches that fit in memory on a CPU. Packing goes through the attention path
+    #    that skips the work between examples on this hardware (speed.py), and is refused (step 6)
+    #    unless this model and attention implementation keep packed examples apart.
     cfg = fit_batch_to_memory(cfg, model)
-    args = build_sft_config(cfg, has_eval=data.eval is not None)
+    packing = packing_for(cfg, model)
+    use_attention(model, packing)
+    args = build_sft_config(cfg, has_eval=data.eval is not None, packing=packing)
     if processes.is_main_process:
         (run_dir / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
         write_audit(run_dir, data.audit)  # eval/audit.json: the dataset characteristics, for the report
-    if args.packing:
-        refuse_contaminating_packing(model, cfg)
 
     # 6. The trainer: TRL's, with sftlab's metrics file and progress bar.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -107,6 +118,7 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
         # At each evaluation the sampler answers held-out prompts before the diagnosis reads them.
         OutputSampler(run_dir, tokenizer, data.eval_examples, cfg.monitor, cfg.eval.format),
         LiveDiagnosis(run_dir, cfg.monitor, progress),
+        LiveReport(run_dir, write_report),  # report.html at each evaluation, reloading itself while the run goes on
         CheckpointBookkeeping(run_dir),
     ]
     trainer = SFTTrainer(
@@ -120,7 +132,10 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    if args.packing:  # probed where the trainer placed the model: flash and flex kernels run on the GPU
+        refuse_contaminating_packing(trainer.model, cfg)
     plan = training_plan(trainer, data.audit)
+    plan.update(attention=model.config._attn_implementation, packing_reason=packing.reason)
     if trainer.is_world_process_zero():
         print_plan(plan, console)
         write_run_info(run_dir, trainer.args, plan)  # hardware, versions, resolved arguments: for the report
@@ -130,7 +145,8 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
             print_note(warning, console, warning=True)
 
     # 6b. The base model on the held-out prompts, where the trainer placed it, before any step:
-    #     eval/before.json (once: a resumed run keeps it). The main process evaluates.
+    #     eval/before.json, then prompted with training examples, eval/prompted.json (once each:
+    #     a resumed run keeps them). The main process evaluates.
     held_out = held_out_set(cfg, tokenizer, data) if processes.is_main_process else None
     if processes.is_main_process:
         with _out_of_memory_as_user_error(during="evaluation", hint=evaluation_out_of_memory_hint(cfg)):
@@ -158,8 +174,9 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(str(final_dir))
 
-    # 9. The tuned model on the same held-out prompts: eval/after.json, eval/samples.jsonl and the
-    #    before/after table; the weights in memory when they are final/, else final/ loaded.
+    # 9. The tuned model on the same held-out prompts: eval/after.json, eval/samples.jsonl, the verdict
+    #    (eval/verdict.json: did it work, better than prompting?) and the table of the three models;
+    #    the weights in memory when they are final/, else final/ loaded.
     if processes.is_main_process:
         in_memory = trainer.model if source is None and processes.num_processes == 1 else None
         step = checkpoint_step(source) if source is not None else trainer.state.global_step
@@ -209,8 +226,13 @@ def refuse_evaluation_without_eval_data(cfg: SftlabConfig, has_eval: bool) -> No
                           hint="set data.eval, or a data.eval_split that leaves at least one row (see `sftlab check`)")
 
 
-def build_sft_config(cfg: SftlabConfig, has_eval: bool):
-    """Turn the `training` section into TRL's SFTConfig, translating what sftlab owns."""
+def build_sft_config(cfg: SftlabConfig, has_eval: bool, packing: PackingChoice | None = None):
+    """Turn the `training` section into TRL's SFTConfig, translating what sftlab owns.
+
+    The speed options (use_liger_kernel, torch_compile, loss_type...) pass through unchanged
+    under TRL's names; `packing` is the decision for the loaded model (speed.packing_for), or
+    for this machine alone when no model is given.
+    """
     import torch
     from trl import SFTConfig
 
@@ -220,7 +242,7 @@ def build_sft_config(cfg: SftlabConfig, has_eval: bool):
         values["warmup_steps"] = values.pop("warmup_ratio")
     # sftlab derives the loss masks itself (data.py); TRL would need {% generation %} markers.
     values["assistant_only_loss"] = False
-    values["packing"] = resolve_packing(values.get("packing", "auto"), cfg.model.attn_implementation)
+    values["packing"] = (packing or packing_for(cfg)).packing
     if not values["packing"] and values.get("per_device_train_batch_size", 8) > 1:
         # Without packing, batches of similar lengths waste little compute on padding.
         values.setdefault("train_sampling_strategy", "group_by_length")
@@ -284,34 +306,6 @@ def cpu_has_native_bf16() -> bool:
 
     probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(probe is not None and probe() for probe in probes)
-
-
-def refuse_contaminating_packing(model, cfg: SftlabConfig) -> None:
-    leak = packing_contamination(model)
-    if leak > packing_tolerance(model):
-        attention = model.config._attn_implementation
-        raise ConfigError(
-            f"training.packing: {cfg.model.name_or_path} with attention {attention!r} lets packed examples attend to "
-            f"each other (logits differ by {leak:.3g} between packed and separate examples)",
-            hint="set training.packing: false, or model.attn_implementation to one that honours position ids "
-            "(sdpa, eager or flash_attention_2 on models transformers supports natively)",
-        )
-
-
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash")  # kernels that take packed rows natively
-
-
-def resolve_packing(packing, attn_implementation: str | None) -> bool:
-    """`auto` packs only where attention has variable-length kernels (flash attention).
-
-    Elsewhere (sdpa, eager, every CPU) a packed row is one long sequence with a block-
-    diagonal mask: attention over the whole row and a dense mask per layer, measured
-    at half the tokens/s and several times the memory of length-grouped batches
-    (bench/results/train_throughput_*.txt).
-    """
-    if packing != "auto":
-        return bool(packing)
-    return any(name in (attn_implementation or "") for name in VARLEN_ATTENTION)
 
 
 def prepare_run_dir(path: Path, resume: bool, overwrite: bool, processes=None) -> Path:
@@ -482,6 +476,9 @@ def print_plan(plan: dict, console=None) -> None:
 
     console = console or Console(stderr=True, highlight=False)
     packed = f" packed into {plan['rows']:,} rows" if plan["packing"] else " in length-grouped batches"
+    if plan.get("packing_reason"):
+        console.print(f"packing {'on' if plan['packing'] else 'off'} (attention {plan.get('attention')}): "
+                      f"{plan['packing_reason']}", soft_wrap=True, markup=False)
     console.print(f"plan: {plan['examples']:,} examples{packed}; {plan['steps']:,} steps of ~{plan['tokens_per_step']:,} tokens "
                   f"(~{plan['trained_tokens_per_step']:,} trained) = {plan['epochs']:.2f} epochs; "
                   f"{plan['checkpoints']} checkpoints (keeping {plan['save_total_limit'] or 'all'}), "
@@ -593,10 +590,11 @@ def cadence_warnings(args, steps: int) -> list[str]:
 
 def print_note(text: str, console=None, warning: bool = False) -> None:
     from rich.console import Console
-    from rich.markup import escape
+
+    from sftlab.terminal import literal
 
     console = console or Console(stderr=True, highlight=False)
-    console.print(("[yellow]warning[/]: " if warning else "") + escape(text), soft_wrap=True)
+    console.print(literal(*([("warning", "yellow"), ": "] if warning else []), text), soft_wrap=True)
 
 
 def _gigabytes(size: int) -> str:
