@@ -56,6 +56,12 @@ def ensure_llama_cpp() -> str:
     return llama_cpp.__version__
 
 
+def trained_steps(run: Path) -> str:
+    """The steps the run trained (its last checkpoint's trainer_state.json), to say which demo run this is."""
+    states = sorted(run.glob("checkpoint-*/trainer_state.json"), key=lambda path: int(path.parent.name.split("-")[1]))
+    return str(json.loads(states[-1].read_text(encoding="utf-8"))["global_step"]) if states else "?"
+
+
 def held_out_conversations(cfg) -> list[list[dict]]:
     """The run's eval data, first eval.num_prompts rows, without their reference answers."""
     rows = [json.loads(line) for line in Path(cfg.data.eval).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -236,8 +242,9 @@ def main() -> int:
         f"date:       {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"machine:    {os.cpu_count()} CPUs; {platform.platform()}",
         f"llama.cpp:  llama-cpp-python {version}, built from its PyPI source distribution",
-        f"run:        {args.run} ({cfg.model.name_or_path}); {len(prompts)} held-out prompts, "
-        f"greedy, at most {cfg.eval.max_new_tokens} new tokens",
+        f"run:        {args.run} ({cfg.model.name_or_path}, {trained_steps(args.run)} training steps, "
+        f"training.max_steps {cfg.training.get('max_steps', '-')}); {len(prompts)} held-out prompts, greedy, "
+        f"at most {cfg.eval.max_new_tokens} new tokens",
         f"transformers (final/, fp32): {reference_tokens} answer tokens in {reference_s:.1f} s",
         "",
         f"{'export':<8} {'file MB':>8} {'export s':>9} {'same prompt tokens':>19} {'same answers':>13} "

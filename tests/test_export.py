@@ -8,7 +8,7 @@ were written wrong, the logits or the token ids would differ.
 import json
 
 import pytest
-from conftest import build_tiny_model, chat_rows, write_jsonl
+from conftest import build_tiny_model, chat_rows, sftlab_in_process, write_jsonl
 
 from sftlab.config import load_config
 from sftlab.errors import UserError
@@ -21,6 +21,8 @@ from sftlab.train import train
 F16_MAX_LOGIT_DIFF = 1e-2
 # q8_0 keeps one scale per 32 weights: the greedy next token may flip where two logits nearly tie.
 Q8_0_MIN_GREEDY_AGREEMENT = 0.9
+# bf16 keeps ~2-3 decimal digits per weight; the measured difference on the tiny model is given where it is used.
+BF16_MAX_LOGIT_DIFF = 0.1
 MERGED_MAX_LOGIT_DIFF = 1e-4  # merging a LoRA adapter in fp32 changes only rounding
 TEXTS = ["What is 12 plus 3?", "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
          " naïve café, 東京  tabs\tand\n\nnewlines 2024", "The quick brown fox jumps over the lazy dog."]
@@ -133,6 +135,25 @@ def test_a_merged_lora_run_gives_the_adapters_logits_and_loads_without_peft(runs
         assert _max_diff(_logits(adapter, tokenizer), _logits(merged, tokenizer)) > 100 * MERGED_MAX_LOGIT_DIFF
 
 
+def test_a_full_fine_tune_is_copied_in_the_dtype_asked_for(runs, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = runs["full"]
+    result = export_run(run, format="merged", dtype="bfloat16", output=tmp_path / "bf16")
+    assert result.source == "final/ (full fine-tune)"
+    with safe_open(result.output / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+    assert json.loads((result.output / "config.json").read_text())["dtype"] == "bfloat16"
+    model, tokenizer = _final(run)
+    copy = AutoModelForCausalLM.from_pretrained(result.output, dtype="float32").eval()
+    assert AutoTokenizer.from_pretrained(result.output).chat_template == tokenizer.chat_template
+    assert _max_diff(_logits(model, tokenizer), _logits(copy, tokenizer)) < BF16_MAX_LOGIT_DIFF
+    auto = export_run(run, format="merged", output=tmp_path / "auto")  # auto: the dtype final/ was saved in
+    with safe_open(auto.output / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F32"}
+
+
 def test_a_lora_run_is_merged_before_it_is_written_as_gguf(runs, tmp_path):
     run = runs["lora"]
     result = export_run(run, format="gguf", output=tmp_path / "lora.gguf")
@@ -206,8 +227,6 @@ def test_the_card_and_the_report_list_the_exported_files_with_sizes_and_command(
 def test_the_cli_exports_and_refuses_what_it_cannot_export_with_exit_2(runs, tmp_path):
     import shutil
 
-    from test_evaluate import sftlab_in_process
-
     code, out, _ = sftlab_in_process("export", runs["full"], "--output", tmp_path / "cli")
     assert code == 0 and "ollama create full -f" in out and "llama-cli -m" in out
     code, _, err = sftlab_in_process("export", tmp_path / "nowhere")
@@ -221,6 +240,18 @@ def test_the_cli_exports_and_refuses_what_it_cannot_export_with_exit_2(runs, tmp
     assert "Traceback" not in err
     code, _, err = sftlab_in_process("export", runs["full"], "--quant", "q4_k")
     assert code == 2 and "f16, q8_0" in err
+
+
+def test_the_demo_ends_by_printing_the_export_command(runs, monkeypatch):
+    import sftlab.demo
+    from sftlab.train import TrainResult
+
+    run = runs["full"]  # the demo itself takes minutes: its training is replaced by a finished tiny run
+    finished = TrainResult(run_dir=run, final_dir=run / "final", global_step=4, metrics={})
+    monkeypatch.setattr(sftlab.demo, "run_demo", lambda output, **options: finished)
+    code, out, _ = sftlab_in_process("demo", "--output", run)
+    assert code == 0
+    assert out.rstrip().splitlines()[-1] == f"run it in llama.cpp or Ollama: sftlab export {run} --format gguf"
 
 
 SMOLLM2_TEMPLATE = (
