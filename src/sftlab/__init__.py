@@ -6,6 +6,7 @@ The library runs the same steps as the command line:
     cfg = load_config("sftlab.yaml", overrides=["training.max_steps=20"])
     audit = check(cfg)          # `sftlab check`
     result = train(cfg)         # `sftlab train`
+    export_run(result.run_dir, format="gguf")  # `sftlab export`
 """
 
 import importlib
@@ -20,6 +21,7 @@ _EXPORTS = {
     "check": "sftlab.train", "train": "sftlab.train", "TrainResult": "sftlab.train",
     "evaluate_run": "sftlab.evaluate", "evaluate_model_path": "sftlab.evaluate",
     "run_demo": "sftlab.demo",
+    "export_run": "sftlab.export", "ExportResult": "sftlab.export",
     "write_report": "sftlab.report",
 }
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""Command line: `sftlab init | check | train | eval | diagnose | report | demo`.
+"""Command line: `sftlab init | check | train | eval | diagnose | report | chat | export | demo`.
 
 Each command is a thin shell over the library function of the same stage, so the CLI
 and `from sftlab import ...` run the same steps. Errors the user can cause are
@@ -102,6 +102,8 @@ def demo(
     report = result.run_dir / REPORT_FILE
     if report.exists():
         print(f"report: {report}\ntalk to the tuned model: sftlab chat {result.run_dir}")
+    if result.final_dir.exists():
+        print(f"run it in llama.cpp or Ollama: sftlab export {result.run_dir} --format gguf")
 
 
 @app.command()
@@ -200,6 +202,37 @@ def chat(
     from sftlab.chat import chat as run_chat
 
     run_chat(run_dir, max_new_tokens=max_new_tokens, temperature=temperature, system=system)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (with final/).")],
+    format_: Annotated[str, typer.Option("--format", help="gguf: one .gguf file and an Ollama Modelfile, for "
+                                         "llama.cpp, Ollama, LM Studio; merged: safetensors for from_pretrained "
+                                         "(a LoRA adapter merged into its base).")] = "gguf",
+    output: Annotated[Optional[Path], typer.Option("--output", help="A .gguf file or a directory (default: "
+                                                   "RUN_DIR/export/gguf-QUANT/ or RUN_DIR/export/merged/).")] = None,
+    quant: Annotated[Optional[str], typer.Option("--quant", help="GGUF weights: f16 (default) or q8_0.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Merged weights: auto (as final/ was saved; float32 for a "
+                                       "merged adapter), float32, float16 or bfloat16.")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier export at the same place.")] = False,
+):
+    """Export the tuned model: GGUF for llama.cpp and Ollama, or merged safetensors."""
+    from sftlab.export import export_run
+
+    result = export_run(run_dir, format=format_, output=output, quant=quant, dtype=dtype, force=force)
+    print(f"exported {result.source} as {result.format}:")
+    if result.format == "gguf":
+        for item in result.files:
+            print(f"  {item.path} ({item.bytes:,} bytes)")
+        for note in result.notes:
+            print(f"note: {note}")
+        print(f"run it: llama-cli -m {result.output} -cnv\n"
+              f"        ollama create {run_dir.resolve().name} -f {result.modelfile}")
+    else:
+        size = sum(item.bytes for item in result.files) / 1e6
+        print(f"  {result.output}/ ({len(result.files)} files, {size:,.1f} MB): "
+              f"AutoModelForCausalLM.from_pretrained({str(result.output)!r}) loads it")
 
 
 def _configured_memorization_loss(path: Path) -> float:

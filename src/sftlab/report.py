@@ -70,6 +70,7 @@ REPORT_FILE = "report.html"
 CARD_FILE = "README.md"  # in final/: the Hugging Face model card
 RUN_INFO_FILE = "run_info.json"
 AUDIT_FILE = "audit.json"  # in eval/, next to evaluate.py's files: the data audit, written when training starts
+EXPORTS_FILE = "exports.json"  # written by `sftlab export` (export.py): the files exported from final/
 # Paths inside the run directory, as the report names them.
 _AUDIT = f"{EVAL_DIR}/{AUDIT_FILE}"
 _BEFORE = f"{EVAL_DIR}/{BEFORE_FILE}"
@@ -778,7 +779,7 @@ def model_card(run: Run, status: Status | None = None) -> str:
     front = yaml.safe_dump(card_metadata(run), sort_keys=False, allow_unicode=True)
     parts = [f"---\n{front}---", f"# {_md(run.name)}", _card_summary(run, status), _card_data(run),
              _card_training(run), _card_results(run), _card_warnings(run), _card_limitations(run, status),
-             _card_usage(run), _card_versions(run)]
+             _card_usage(run), *_card_exports(run), _card_versions(run)]
     return "\n\n".join(parts).rstrip() + "\n"
 
 
@@ -995,6 +996,44 @@ def usage_snippet(run: Run) -> str:
         "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n")
 
 
+def exported_files(run_dir: str | Path) -> list[dict]:
+    """The exports `sftlab export` recorded in RUN_DIR/exports.json, each {command, format, output, source,
+    files: [{path, bytes, size}]}; [] when none or unreadable (entries of the wrong shape are skipped)."""
+    try:
+        exports = json.loads((Path(run_dir) / EXPORTS_FILE).read_text(encoding="utf-8")).get("exports")
+    except (OSError, ValueError, AttributeError):
+        return []
+    shown = []
+    for entry in exports if isinstance(exports, list) else []:
+        files = [item for item in (entry.get("files") if isinstance(entry, dict) else None) or []
+                 if isinstance(item, dict) and isinstance(item.get("path"), str) and isinstance(item.get("bytes"), int)]
+        if files and isinstance(entry.get("command"), str):
+            shown.append({"command": entry["command"], "format": str(entry.get("format", "")),
+                          "output": str(entry.get("output", "")), "source": str(entry.get("source", "")),
+                          "files": [{**item, "size": _file_size(item["bytes"])} for item in files]})
+    return shown
+
+
+def _file_size(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def _card_exports(run: Run) -> list[str]:
+    exports = exported_files(run.path)
+    if not exports:
+        return []
+    lines = ["## Exported files", ""]
+    for export in exports:
+        source = f" from {_md(export['source'])}" if export["source"] else ""
+        lines += [f"Made with {_code(export['command'])}{source}:", ""]
+        lines += [f"- {_code(item['path'])}: {item['size']} ({item['bytes']:,} bytes)" for item in export["files"]]
+        lines.append("")
+    return ["\n".join(lines).rstrip()]
+
+
 def _card_versions(run: Run) -> str:
     versions, source = framework_versions(run)
     return "\n".join(["## Framework versions", "", f"Versions {_md(source)}:", "",
@@ -1023,6 +1062,7 @@ def render_html(run: Run, card: str, status: Status | None = None, live: bool = 
         fmt=fmt, duration=duration, final_dir=FINAL_DIR, eval_samples_file=_EVAL_SAMPLES,
         verdict=run.verdict, live=live, refresh_seconds=LIVE_REFRESH_SECONDS,
         has_prompted=run.prompted is not None or any(s.get("prompted_output") is not None for s in samples),
+        exports=exported_files(run.path),
     )
 
 
