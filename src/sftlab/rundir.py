@@ -229,3 +229,101 @@ def has_model(directory: str | Path) -> bool:
 
 def is_adapter(directory: str | Path) -> bool:
     return (Path(directory) / "adapter_config.json").is_file()
+
+
+# =========================================================================== the run's own bookkeeping
+
+# What the Trainer keeps in a checkpoint for resuming, and a model directory does not need.
+TRAINER_ONLY_FILES = ("optimizer.pt", "scheduler.pt", TRAINER_STATE_FILE, "training_args.bin", COMPLETE_MARKER)
+TRAINER_ONLY_PREFIX = "rng_state"  # rng_state.pth, rng_state_0.pth ... one per process
+
+
+def prepare_run_dir(path: str | Path, resume: bool, overwrite: bool, processes=None) -> Path:
+    """Check the run directory on every process, then let the main process create or replace it.
+
+    A directory that exists is never reused without `resume` or replaced without `overwrite`,
+    and `overwrite` only ever deletes a directory sftlab made (it holds RUN_MARKER).
+    """
+    from sftlab.errors import UserError
+
+    path = Path(path)
+    has_contents = path.exists() and any(path.iterdir())
+    if resume and (not has_contents or latest_checkpoint(path) is None):
+        raise UserError(f"nothing to resume in {path}: no complete checkpoint-* directory",
+                        hint="start the run without --resume")
+    if not resume and has_contents and not overwrite:
+        raise UserError(f"run directory {path} already exists",
+                        hint="use --resume to continue it, --overwrite to replace it, or set training.output_dir")
+    if not resume and has_contents and not (path / RUN_MARKER).exists():
+        raise UserError(f"{path} exists and was not made by sftlab; refusing to delete it",
+                        hint="choose another training.output_dir")
+    if processes is not None:
+        processes.wait_for_everyone()  # every process has checked before the main one changes anything
+    if resume or (processes is not None and not processes.is_main_process):
+        if processes is not None:
+            processes.wait_for_everyone()
+        return path
+    try:
+        if has_contents:
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        write_atomically(path / RUN_MARKER, "created by sftlab; `sftlab train --overwrite` may replace this directory\n")
+    except OSError as exc:
+        raise UserError(f"cannot create the run directory {path}: {exc.strerror or exc}",
+                        hint="set training.output_dir to a directory you can write to") from None
+    if processes is not None:
+        processes.wait_for_everyone()
+    return path
+
+
+def mark_checkpoint_complete(run_dir: str | Path, step: int) -> None:
+    """COMPLETE_MARKER in checkpoint-N, once the Trainer has written all of it: safe to resume from."""
+    checkpoint = Path(run_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    if checkpoint.is_dir():
+        write_json(checkpoint / COMPLETE_MARKER, {"step": step}, indent=None)
+
+
+def best_checkpoint(run_dir: str | Path, log_history: list[dict]) -> dict | None:
+    """The complete checkpoint with the lowest eval loss measured at its own step: {path, step, eval_loss}."""
+    eval_loss_at = {entry["step"]: entry["eval_loss"] for entry in log_history if "eval_loss" in entry}
+    candidates = [
+        {"path": path, "step": checkpoint_step(path), "eval_loss": eval_loss_at[checkpoint_step(path)]}
+        for path in checkpoint_dirs(run_dir)
+        if checkpoint_is_complete(path) and checkpoint_step(path) in eval_loss_at
+    ]
+    return min(candidates, key=lambda c: c["eval_loss"], default=None)
+
+
+def record_best_checkpoint(run_dir: str | Path, log_history: list[dict]) -> Path | None:
+    """BEST_CHECKPOINT_FILE names the best checkpoint so far; returns its path (None before any is evaluated)."""
+    best = best_checkpoint(run_dir, log_history)
+    if best is None:
+        return None
+    write_json(Path(run_dir) / BEST_CHECKPOINT_FILE,
+               {"checkpoint": best["path"].name, "step": best["step"], "eval_loss": best["eval_loss"]}, indent=None)
+    return best["path"]
+
+
+def checkpoint_for_final(run_dir: str | Path, stopped: dict | None) -> Path | None:
+    """After a NaN, the last complete checkpoint; after a stop on a finding (overfitting...),
+    the best one by eval loss; after a normal end, None (the trained weights are final)."""
+    if stopped is None:
+        return None
+    if stopped["reason"] == "instability":
+        return latest_checkpoint(run_dir)
+    name = (read_json_object(Path(run_dir) / BEST_CHECKPOINT_FILE) or {}).get("checkpoint")
+    return Path(run_dir) / name if isinstance(name, str) and name else None
+
+
+def copy_model_files(checkpoint: str | Path, final_dir: str | Path) -> None:
+    """The model (or adapter) and tokenizer files of a checkpoint into final/, without the Trainer's state."""
+    final_dir = Path(final_dir)
+    final_dir.mkdir(parents=True, exist_ok=True)
+    for path in Path(checkpoint).iterdir():
+        if path.is_file() and path.name not in TRAINER_ONLY_FILES and not path.name.startswith(TRAINER_ONLY_PREFIX):
+            shutil.copy2(path, final_dir / path.name)
+    config = final_dir / "config.json"
+    values = read_json_object(config)
+    if values is not None:  # checkpoints are saved with the KV cache off, for training
+        values["use_cache"] = True
+        write_atomically(config, json.dumps(values, indent=2))
