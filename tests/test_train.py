@@ -154,3 +154,17 @@ def test_a_cpu_splits_the_default_batch_only_when_its_activations_outgrow_the_tr
                                                    model)) == (4, 1)
     monkeypatch.setattr(sftlab.resolve, "has_accelerator", lambda: True)
     assert _batch(sftlab.resolve.fit_batch_to_memory(cfg, model)) == (4, 1)
+
+
+def test_run_info_records_the_sft_config_as_trl_received_it(tiny_config, tmp_path):
+    from sftlab.resolve import build_sft_config, write_run_info
+
+    args = build_sft_config(load_config(tiny_config, ["training.seed=7"]), has_eval=True)
+    info = json.loads(write_run_info(tmp_path, args, {"steps": 6}).read_text(), parse_constant=pytest.fail)
+    recorded = info["sft_config"]
+    # What sftlab decided for this machine, as SFTConfig holds it: length-grouped batches (no packing
+    # on a CPU), no activation checkpointing, the user's seed; what equals TRL's own default is left out.
+    assert recorded["train_sampling_strategy"] == "group_by_length" and args.packing is False
+    assert recorded["activation_checkpointing"] is False and recorded["use_cpu"] is True and recorded["seed"] == 7
+    assert recorded["max_steps"] == 6 and "packing" not in recorded and "num_train_epochs" not in recorded
+    assert recorded["bf16"] is args.bf16 and "hub_token" not in recorded

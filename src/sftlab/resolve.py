@@ -324,9 +324,9 @@ def sft_config_record(args) -> dict[str, Any]:
 
     if not dataclasses.is_dataclass(args) or not hasattr(args, "to_dict"):
         return {}
-    defaults = {field.name: _default_of(field) for field in dataclasses.fields(args) if field.init}
-    return {name: _json_safe(value) for name, value in args.to_dict().items()
-            if name not in defaults or _json_safe(value) != _json_safe(defaults[name])}
+    changed = {field.name for field in dataclasses.fields(args)
+               if field.init and _json_safe(getattr(args, field.name)) != _json_safe(_default_of(field))}
+    return {name: _json_safe(value) for name, value in args.to_dict().items() if name in changed}
 
 
 def _default_of(field) -> Any:
