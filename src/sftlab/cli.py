@@ -91,7 +91,7 @@ def demo(
     """The whole pipeline on the embedded SmolLM2-135M-Instruct and a shipped task, offline:
     check, baseline evaluation, training, evaluation, report."""
     from sftlab.demo import DEMO_CONFIG, run_demo
-    from sftlab.report import REPORT_FILE
+    from sftlab.rundir import REPORT_FILE
 
     print(f"sftlab demo: teach the embedded SmolLM2-135M-Instruct the house person record, strict JSON ({DEMO_CONFIG})")
     result = run_demo(output, overrides=set_ or [], overwrite=overwrite, show_audit=_print_audit)

@@ -16,7 +16,8 @@ including for a run that stopped early or was killed: it reports what exists and
 what is missing or unreadable. The stage, one job a module:
 
     run.py          reading the run directory once, into typed records
-    facts.py        status, parameters, duration, tokens, the results table
+    facts.py        status, base model, parameters, hardware, duration, tokens, versions, exports
+    results.py      the results table before and after (metrics.METRIC_ROWS), answers side by side
     limitations.py  known limitations, each from a measurement and a named threshold
     card.py         the model card (huggingface_hub ModelCard, templates/model_card.md)
     html.py         report.html (templates/report.html.j2)
@@ -45,11 +46,33 @@ from sftlab.report.run_info import current_versions, write_audit, write_run_info
 from sftlab.report.text import duration, fmt, writable
 from sftlab.rundir import CARD_FILE, EXPORTS_FILE, REPORT_FILE, RUN_INFO_FILE, write_atomically
 
-__all__ = ["write_report", "write_run_info", "write_audit", "read_run", "model_card", "render_html", "run_status",
-           "Run", "Status", "ReportResult", "known_limitations", "training_facts", "exported_files", "usage_snippet",
-           "card_metadata", "current_versions", "fmt", "duration", "CARD_SECTIONS", "LIVE_REFRESH_SECONDS",
-           # run-directory names, spelled in rundir.py; here for code that imported them from the report
-           "CARD_FILE", "EXPORTS_FILE", "REPORT_FILE", "RUN_INFO_FILE"]
+__all__ = [
+    "write_report",
+    "write_run_info",
+    "write_audit",
+    "read_run",
+    "model_card",
+    "render_html",
+    "run_status",
+    "Run",
+    "Status",
+    "ReportResult",
+    "known_limitations",
+    "training_facts",
+    "exported_files",
+    "usage_snippet",
+    "card_metadata",
+    "current_versions",
+    "fmt",
+    "duration",
+    "CARD_SECTIONS",
+    "LIVE_REFRESH_SECONDS",
+    # run-directory names, spelled in rundir.py; here for code that imported them from the report
+    "CARD_FILE",
+    "EXPORTS_FILE",
+    "REPORT_FILE",
+    "RUN_INFO_FILE",
+]
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Facts: what the run says about itself, computed from the typed run (report/run.py) and nothing else.
 
 The status (complete, stopped early, incomplete), the base model and its hub id and
-license, the training parameters as the training process received them, the hardware,
-duration, tokens and throughput as logged, the results table before and after (the one
-metrics table of metrics.py), and the answers to show side by side. The card and the
-HTML show these; neither computes anything of its own.
+license, the datasets, the training parameters as the training process received them,
+the hardware, duration, tokens and throughput as logged, the framework versions and the
+exported files. The card and the HTML show these (and report/results.py's table);
+neither computes anything of its own.
 
 Trade-offs:
 - Every number is one the run recorded; a fact the run did not record is None and shown
@@ -17,7 +17,6 @@ Trade-offs:
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import re
 import statistics
@@ -27,13 +26,9 @@ from pathlib import Path
 import yaml
 
 from sftlab.config import EMBEDDED_MODEL
-from sftlab.contracts import EvalSummary
-from sftlab.metrics import format_value, metric_rows, primary_location
 from sftlab.report.run import Run
 from sftlab.report.run_info import current_versions
-from sftlab.report.text import fmt
-from sftlab.rundir import CARD_FILE, EVAL_SAMPLES_FILE, EXPORTS_FILE, FINAL_DIR, METRICS_FILE, RUN_INFO_FILE
-from sftlab.rundir import read_json_object, relative
+from sftlab.rundir import CARD_FILE, EXPORTS_FILE, FINAL_DIR, METRICS_FILE, RUN_INFO_FILE, read_json_object
 
 # The embedded default model is SmolLM2-135M-Instruct: its hub id and license go into the card.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -45,11 +40,6 @@ def number(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return value
-
-
-def measured(result: EvalSummary | None, group: str, key: str) -> float | None:
-    """A metric of before/prompted/after.json by the table's (group, key); None when the file or value is missing."""
-    return result.value(group, key) if result is not None else None
 
 
 def _last(records: list[dict], key: str) -> tuple[int, float] | None:
@@ -76,18 +66,29 @@ def run_status(run: Run) -> Status:
     if not finished:
         if not run.records:
             return Status("incomplete", "incomplete: training did not finish (nothing was logged)", 0, planned)
-        return Status("incomplete", f"incomplete: training did not finish (last logged step {last_step:,}{of})",
-                      last_step, planned)
+        return Status(
+            "incomplete",
+            f"incomplete: training did not finish (last logged step {last_step:,}{of})",
+            last_step,
+            planned,
+        )
     if run.stopped:
         reason = run.stopped.reason or "unknown reason"
-        keeps = ("the last good checkpoint" if reason == "instability"
-                 else "the checkpoint with the lowest eval loss, where one was saved")
+        keeps = (
+            "the last good checkpoint"
+            if reason == "instability"
+            else "the checkpoint with the lowest eval loss, where one was saved"
+        )
         kept = f"; {FINAL_DIR}/ holds {keeps}" if run.has_final else "; no final model was saved"
         step = run.stopped.step if run.stopped.step is not None else last_step
         return Status("stopped_early", f"stopped early at step {step}{of}: {reason}{kept}", last_step, planned)
     if not run.has_final:
-        return Status("no_final_model", f"training ended at step {last_step:,}{of}, but no final model was saved",
-                      last_step, planned)
+        return Status(
+            "no_final_model",
+            f"training ended at step {last_step:,}{of}, but no final model was saved",
+            last_step,
+            planned,
+        )
     return Status("complete", f"complete: trained {last_step:,}{of} steps", last_step, planned)
 
 
@@ -128,8 +129,11 @@ def _is_local(name: str) -> bool:
 def _looks_like_hub_id(name: str) -> bool:
     from sftlab.data import FILE_SUFFIXES
 
-    return (bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name))
-            and Path(name).suffix.lower() not in FILE_SUFFIXES and not name.endswith(".gguf"))
+    return (
+        bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name))
+        and Path(name).suffix.lower() not in FILE_SUFFIXES
+        and not name.endswith(".gguf")
+    )
 
 
 def base_license(run: Run) -> str | None:
@@ -222,8 +226,18 @@ def _runtime_estimate(run: Run) -> float | None:
     return seconds if seconds > 0 else None
 
 
-TRAINING_KEYS = ("weight_decay", "max_grad_norm", "optim", "max_length", "packing", "assistant_only_loss", "seed",
-                 "logging_steps", "eval_steps", "save_steps")
+TRAINING_KEYS = (
+    "weight_decay",
+    "max_grad_norm",
+    "optim",
+    "max_length",
+    "packing",
+    "assistant_only_loss",
+    "seed",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+)
 
 
 def training_parameters(run: Run) -> list[tuple[str, str]]:
@@ -237,8 +251,12 @@ def training_parameters(run: Run) -> list[tuple[str, str]]:
     name = base_model(run)
     if name:
         gguf = run.config.model.gguf_file
-        rows.append(("base model", name + (f" ({gguf})" if gguf else "")
-                     + (f" = {EMBEDDED_HUB_ID}" if name == EMBEDDED_MODEL else "")))
+        rows.append(
+            (
+                "base model",
+                name + (f" ({gguf})" if gguf else "") + (f" = {EMBEDDED_HUB_ID}" if name == EMBEDDED_MODEL else ""),
+            )
+        )
     rows.append(("method", _method(run.config.lora)))
     max_steps = value("max_steps")
     if isinstance(max_steps, int) and max_steps > 0:
@@ -251,8 +269,12 @@ def training_parameters(run: Run) -> list[tuple[str, str]]:
     rows.append(("gradient_accumulation_steps", str(accumulation)))
     if isinstance(batch, int) and isinstance(accumulation, int):
         total = batch * accumulation * int(processes or 1)
-        rows.append(("effective batch (rows per optimizer step)",
-                     f"{total}" + (f" ({int(processes)} processes)" if processes and processes > 1 else "")))
+        rows.append(
+            (
+                "effective batch (rows per optimizer step)",
+                f"{total}" + (f" ({int(processes)} processes)" if processes and processes > 1 else ""),
+            )
+        )
     rows += [(key, str(value(key))) for key in ("learning_rate", "lr_scheduler_type") if value(key) is not None]
     if training.get("warmup_ratio") is not None:
         rows.append(("warmup_ratio", str(training["warmup_ratio"])))
@@ -271,8 +293,10 @@ def training_parameters(run: Run) -> list[tuple[str, str]]:
 def _method(lora: dict | None) -> str:
     if lora is None:
         return "full fine-tune (every weight trained)"
-    return (f"LoRA: r={lora.get('r')}, lora_alpha={lora.get('lora_alpha')}, "
-            f"lora_dropout={lora.get('lora_dropout')}, target_modules={lora.get('target_modules')}")
+    return (
+        f"LoRA: r={lora.get('r')}, lora_alpha={lora.get('lora_alpha')}, "
+        f"lora_dropout={lora.get('lora_dropout')}, target_modules={lora.get('target_modules')}"
+    )
 
 
 def hardware(run: Run) -> str:
@@ -298,85 +322,6 @@ def framework_versions(run: Run) -> tuple[dict[str, str], str]:
     return current_versions(), f"of the environment that wrote this report ({RUN_INFO_FILE} is missing)"
 
 
-# =========================================================================== results
-
-
-@dataclass
-class ResultRow:
-    """One metric of the results table, formatted, with the tuned model's changes and whether they are better."""
-
-    label: str
-    before: str
-    prompted: str
-    after: str
-    primary: bool
-    change: str = ""  # vs the base model
-    verdict: str = ""  # "better" | "worse" | ""
-    change_prompted: str = ""  # vs the prompted base model
-    verdict_prompted: str = ""
-
-
-def results(run: Run) -> list[ResultRow]:
-    """Each metric of metrics.METRIC_ROWS (and the user's) that some model measured; the verdict's primary marked."""
-    user_metrics = sorted({key for result in (run.before, run.prompted, run.after) if result for key in result.metrics})
-    primary = primary_location(run.verdict.primary) if run.verdict else None
-    rows = []
-    for metric in metric_rows(user_metrics):
-        before, prompted, after = (measured(result, metric.group, metric.key)
-                                   for result in (run.before, run.prompted, run.after))
-        if before is None and prompted is None and after is None:
-            continue
-        row = ResultRow(metric.label, fmt(before, metric.kind), fmt(prompted, metric.kind), fmt(after, metric.kind),
-                        primary=(metric.group, metric.key) == primary)
-        row.change, row.verdict = _change(after, before, metric)
-        row.change_prompted, row.verdict_prompted = _change(after, prompted, metric)
-        rows.append(row)
-    return rows
-
-
-def _change(after: float | None, other: float | None, metric) -> tuple[str, str]:
-    if other is None or after is None:
-        return "", ""
-    delta = after - other
-    if not delta:
-        return "no change", ""
-    return format_value(delta, metric.kind, signed=True), "better" if (delta < 0) == (metric.better == "lower") else "worse"
-
-
-def evaluation_setup(run: Run) -> str:
-    result = run.after or run.before
-    if not result:
-        return ""
-    parts = []
-    if result.num_prompts:
-        parts.append(f"{result.num_prompts} held-out prompts")
-    if result.max_new_tokens:
-        parts.append(f"greedy answers of at most {result.max_new_tokens} new tokens")
-    if result.retention.source:
-        parts.append(f"retention measured on {result.retention.source}")
-    if result.adherence.format_spec is not None:
-        parts.append("eval.format " + json.dumps(result.adherence.format_spec, ensure_ascii=False))
-    return "; ".join(parts)
-
-
-def side_by_side(run: Run) -> tuple[list[dict], str]:
-    """Answers to show side by side, and where they come from."""
-    samples_file = relative(EVAL_SAMPLES_FILE)
-    if run.eval_samples:
-        return run.eval_samples, f"{samples_file}: the base model and the fine-tuned model on the same held-out prompts"
-    steps = sorted({s.get("step") for s in run.training_samples if isinstance(s.get("step"), int)})
-    if not steps:
-        return [], ""
-    first, last = steps[0], steps[-1]
-    early = {s.get("prompt"): s for s in run.training_samples if s.get("step") == first}
-    rows = [{"prompt": s.get("prompt"), "reference": None, "base_output": early.get(s.get("prompt"), {}).get("output"),
-             "tuned_output": s.get("output"), "base_follows_format": early.get(s.get("prompt"), {}).get("follows_format"),
-             "tuned_follows_format": s.get("follows_format")}
-            for s in run.training_samples if s.get("step") == last]
-    return rows, (f"{samples_file} is missing: held-out answers during training instead, "
-                  f"at the first evaluation (step {first}) and the last (step {last})")
-
-
 # =========================================================================== exports
 
 
@@ -386,12 +331,21 @@ def exported_files(run_dir: str | Path) -> list[dict]:
     exports = (read_json_object(Path(run_dir) / EXPORTS_FILE) or {}).get("exports")
     shown = []
     for entry in exports if isinstance(exports, list) else []:
-        files = [item for item in (entry.get("files") if isinstance(entry, dict) else None) or []
-                 if isinstance(item, dict) and isinstance(item.get("path"), str) and isinstance(item.get("bytes"), int)]
+        files = [
+            item
+            for item in (entry.get("files") if isinstance(entry, dict) else None) or []
+            if isinstance(item, dict) and isinstance(item.get("path"), str) and isinstance(item.get("bytes"), int)
+        ]
         if files and isinstance(entry.get("command"), str):
-            shown.append({"command": entry["command"], "format": str(entry.get("format", "")),
-                          "output": str(entry.get("output", "")), "source": str(entry.get("source", "")),
-                          "files": [{**item, "size": _file_size(item["bytes"])} for item in files]})
+            shown.append(
+                {
+                    "command": entry["command"],
+                    "format": str(entry.get("format", "")),
+                    "output": str(entry.get("output", "")),
+                    "source": str(entry.get("source", "")),
+                    "files": [{**item, "size": _file_size(item["bytes"])} for item in files],
+                }
+            )
     return shown
 
 

@@ -23,11 +23,9 @@ import functools
 import re
 
 from sftlab.contracts import Audit
-from sftlab.report.facts import (
-    Status, evaluation_setup, exported_files, hardware, results, run_status, side_by_side, training_facts,
-    training_parameters,
-)
+from sftlab.report.facts import Status, exported_files, hardware, run_status, training_facts, training_parameters
 from sftlab.report.limitations import known_limitations
+from sftlab.report.results import evaluation_setup, results, side_by_side
 from sftlab.report.run import Run
 from sftlab.report.text import duration, fmt
 from sftlab.rundir import EVAL_SAMPLES_FILE, FINAL_DIR, relative
@@ -44,8 +42,13 @@ def _templates():
     """One environment per process: it keeps the compiled template, which a live report renders at every evaluation."""
     import jinja2
 
-    return jinja2.Environment(loader=jinja2.PackageLoader("sftlab.report", "templates"), autoescape=True,
-                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("sftlab.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
 
 
 def render_html(run: Run, card: str, status: Status | None = None, live: bool = False) -> str:
@@ -54,23 +57,44 @@ def render_html(run: Run, card: str, status: Status | None = None, live: bool = 
     status = status or run_status(run)
     samples, samples_source = side_by_side(run)
     front, body = _split_card(card)
-    return _templates().get_template(HTML_TEMPLATE).render(
-        run=run, status=status, name=run.name, generated=dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        audit_view=_audit_view(run.audit), params=training_parameters(run), hardware=hardware(run),
-        facts=training_facts(run), plots={name: base64.b64encode(png).decode("ascii") for name, png in run.plots.items()},
-        diagnosis=run.diagnosis, results=results(run), evaluation_setup=evaluation_setup(run),
-        samples=samples[:SAMPLES_SHOWN], samples_total=len(samples), samples_source=samples_source,
-        limitations=known_limitations(run, status), card_front=front, card_html=Markup(_markdown_to_html(body)),
-        fmt=fmt, duration=duration, final_dir=FINAL_DIR, eval_samples_file=relative(EVAL_SAMPLES_FILE),
-        verdict=run.verdict, live=live, refresh_seconds=LIVE_REFRESH_SECONDS,
-        has_prompted=run.prompted is not None or any(s.get("prompted_output") is not None for s in samples),
-        exports=exported_files(run.path),
+    return (
+        _templates()
+        .get_template(HTML_TEMPLATE)
+        .render(
+            run=run,
+            status=status,
+            name=run.name,
+            generated=dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+            audit_view=_audit_view(run.audit),
+            params=training_parameters(run),
+            hardware=hardware(run),
+            facts=training_facts(run),
+            plots={name: base64.b64encode(png).decode("ascii") for name, png in run.plots.items()},
+            diagnosis=run.diagnosis,
+            results=results(run),
+            evaluation_setup=evaluation_setup(run),
+            samples=samples[:SAMPLES_SHOWN],
+            samples_total=len(samples),
+            samples_source=samples_source,
+            limitations=known_limitations(run, status),
+            card_front=front,
+            card_html=Markup(_markdown_to_html(body)),
+            fmt=fmt,
+            duration=duration,
+            final_dir=FINAL_DIR,
+            eval_samples_file=relative(EVAL_SAMPLES_FILE),
+            verdict=run.verdict,
+            live=live,
+            refresh_seconds=LIVE_REFRESH_SECONDS,
+            has_prompted=run.prompted is not None or any(s.get("prompted_output") is not None for s in samples),
+            exports=exported_files(run.path),
+        )
     )
 
 
 def _split_card(card: str) -> tuple[str, str]:
     match = re.match(r"---\n(.*?\n)---\n", card, flags=re.DOTALL)
-    return (match.group(1), card[match.end():]) if match else ("", card)
+    return (match.group(1), card[match.end() :]) if match else ("", card)
 
 
 def _markdown_to_html(markdown: str) -> str:
@@ -86,24 +110,41 @@ def _audit_view(audit: Audit | None) -> dict | None:
     if audit is None:
         return None
     splits, duplicates, truncation = audit.splits, audit.duplicates, audit.truncation
-    lengths = [(part, [fmt(getattr(stats, key)) for key in ("min", "median", "p95", "max", "mean")])
-               for part, stats in (("prompt", audit.lengths.prompt), ("response", audit.lengths.response),
-                                   ("total", audit.lengths.total))]
-    examples = [{"where": f"{example.source}:{example.line}",
-                 "segments": [(segment.text or "", bool(segment.trained)) for segment in example.segments]}
-                for example in audit.examples if example.segments]
+    lengths = [
+        (part, [fmt(getattr(stats, key)) for key in ("min", "median", "p95", "max", "mean")])
+        for part, stats in (
+            ("prompt", audit.lengths.prompt),
+            ("response", audit.lengths.response),
+            ("total", audit.lengths.total),
+        )
+    ]
+    examples = [
+        {
+            "where": f"{example.source}:{example.line}",
+            "segments": [(segment.text or "", bool(segment.trained)) for segment in example.segments],
+        }
+        for example in audit.examples
+        if example.segments
+    ]
     return {
-        "train_rows": fmt(splits.train.rows, "int"), "train_tokens": fmt(splits.train.tokens, "int"),
-        "eval_rows": fmt(splits.eval.rows, "int"), "eval_tokens": fmt(splits.eval.tokens, "int"),
-        "sources": [(label, audit.formats.get(label, "?"), fmt(counts.rows, "int"), fmt(counts.usable, "int"))
-                    for label, counts in audit.sources.items()],
+        "train_rows": fmt(splits.train.rows, "int"),
+        "train_tokens": fmt(splits.train.tokens, "int"),
+        "eval_rows": fmt(splits.eval.rows, "int"),
+        "eval_tokens": fmt(splits.eval.tokens, "int"),
+        "sources": [
+            (label, audit.formats.get(label, "?"), fmt(counts.rows, "int"), fmt(counts.usable, "int"))
+            for label, counts in audit.sources.items()
+        ],
         "dropped": fmt(audit.dropped.count, "int"),
         "dropped_reasons": [(reason, str(count)) for reason, count in audit.dropped.reasons.items()],
         "problems": [(str(p.file), str(p.line), str(p.message)) for p in audit.problems[:PROBLEMS_SHOWN]],
         "problems_total": len(audit.problems),
-        "exact": fmt(duplicates.exact, "int"), "near": fmt(duplicates.near, "int"),
+        "exact": fmt(duplicates.exact, "int"),
+        "near": fmt(duplicates.near, "int"),
         "leakage": fmt(duplicates.leakage, "int"),
-        "duplicate_examples": [(str(d.kind), str(d.again), str(d.first)) for d in duplicates.examples[:DUPLICATES_SHOWN]],
+        "duplicate_examples": [
+            (str(d.kind), str(d.again), str(d.first)) for d in duplicates.examples[:DUPLICATES_SHOWN]
+        ],
         "lengths": lengths,
         "max_length": truncation.max_length,
         "examples_over": fmt(truncation.examples_over, "int"),

@@ -29,9 +29,27 @@ from sftlab.contracts import Audit, Bool, EvalSummary, Float, Int, Record, RunIn
 from sftlab.diagnose import Diagnosis, Finding, diagnose, read_history
 from sftlab.errors import UserError
 from sftlab.rundir import (
-    AFTER_FILE, AUDIT_FILE, BEFORE_FILE, CONFIG_FILE, DIAGNOSIS_FILE, EVAL_SAMPLES_FILE, FINAL_DIR, METRICS_FILE,
-    PLOT_FILES, PROMPTED_FILE, RUN_INFO_FILE, STOPPED_FILE, TRAINER_STATE_FILE, VERDICT_FILE, has_model, is_adapter,
-    newest_trainer_state, read_json_checked, read_jsonl, read_yaml_checked, relative,
+    AFTER_FILE,
+    AUDIT_FILE,
+    BEFORE_FILE,
+    CONFIG_FILE,
+    DIAGNOSIS_FILE,
+    EVAL_SAMPLES_FILE,
+    FINAL_DIR,
+    METRICS_FILE,
+    PLOT_FILES,
+    PROMPTED_FILE,
+    RUN_INFO_FILE,
+    STOPPED_FILE,
+    TRAINER_STATE_FILE,
+    VERDICT_FILE,
+    has_model,
+    is_adapter,
+    newest_trainer_state,
+    read_json_checked,
+    read_jsonl,
+    read_yaml_checked,
+    relative,
 )
 from sftlab.verdict import VERDICTS, Verdict
 
@@ -126,14 +144,17 @@ def read_run(run_dir: str | Path, plots: bool = True) -> Run:
     info = _read_json(run, RUN_INFO_FILE, "hardware, versions and resolved arguments of the training process")
     run.run_info = parse_leniently(RunInfo, info) or RunInfo()
     run.hardware = parse_leniently(Hardware, run.run_info.hardware) if run.run_info.hardware else None
-    run.audit = parse_leniently(Audit, _read_json(run, relative(AUDIT_FILE), "the data audit: dataset characteristics are unknown"))
+    run.audit = parse_leniently(
+        Audit, _read_json(run, relative(AUDIT_FILE), "the data audit: dataset characteristics are unknown")
+    )
     _read_metrics(run)
     stopped = _read_json(run, STOPPED_FILE, None)  # only written when the run stopped early
     run.stopped = parse_leniently(StopRecord, stopped) if stopped else None
     _read_evaluations(run)
     run.verdict = _read_verdict(run)
-    run.eval_samples = _read_samples(run, relative(EVAL_SAMPLES_FILE),
-                                     "side-by-side answers of the base and fine-tuned models")
+    run.eval_samples = _read_samples(
+        run, relative(EVAL_SAMPLES_FILE), "side-by-side answers of the base and fine-tuned models"
+    )
     run.trainer_state = newest_trainer_state(path)
     run.has_final = has_model(run.final_dir)
     run.is_adapter = is_adapter(run.final_dir) or bool(run.config.lora)
@@ -149,37 +170,54 @@ def _check_is_run(path: Path) -> None:
     if not path.exists():
         raise UserError(f"{path}: no such directory", hint="pass a run directory (training.output_dir)")
     if not path.is_dir():
-        raise UserError(f"{path} is not a directory", hint="pass a run directory (training.output_dir), not a file in it")
+        raise UserError(
+            f"{path} is not a directory", hint="pass a run directory (training.output_dir), not a file in it"
+        )
     if not (path / CONFIG_FILE).exists() and not (path / METRICS_FILE).exists():
-        raise UserError(f"{path} is not a run directory: it has no {CONFIG_FILE} and no {METRICS_FILE}",
-                        hint="pass the training.output_dir of an `sftlab train` run")
+        raise UserError(
+            f"{path} is not a run directory: it has no {CONFIG_FILE} and no {METRICS_FILE}",
+            hint="pass the training.output_dir of an `sftlab train` run",
+        )
 
 
 def _read_evaluations(run: Run) -> None:
     """eval/before.json, prompted.json, after.json; a baseline switched off in the config is not missing."""
     before_missing = "the base model's evaluation: no before/after comparison"
     prompted_missing = "the prompted base model's evaluation: prompting is not compared"
-    run.before = parse_leniently(EvalSummary, _read_json(run, relative(BEFORE_FILE), before_missing
-                                                if run.config.eval.baseline is not False else None))
-    run.prompted = parse_leniently(EvalSummary, _read_json(run, relative(PROMPTED_FILE), prompted_missing
-                                                  if run.config.eval.prompted_baseline else None))
-    run.after = parse_leniently(EvalSummary, _read_json(run, relative(AFTER_FILE),
-                                               "the evaluation of the fine-tuned model: results are unmeasured"))
+    run.before = parse_leniently(
+        EvalSummary,
+        _read_json(run, relative(BEFORE_FILE), before_missing if run.config.eval.baseline is not False else None),
+    )
+    run.prompted = parse_leniently(
+        EvalSummary,
+        _read_json(run, relative(PROMPTED_FILE), prompted_missing if run.config.eval.prompted_baseline else None),
+    )
+    run.after = parse_leniently(
+        EvalSummary,
+        _read_json(run, relative(AFTER_FILE), "the evaluation of the fine-tuned model: results are unmeasured"),
+    )
 
 
 def _read_verdict(run: Run) -> Verdict | None:
     """eval/verdict.json when its verdict and headline are usable; the report shows nothing it cannot trust."""
-    verdict = _read_json(run, relative(VERDICT_FILE), "the verdict: whether the fine-tune worked is not decided"
-                         if run.after is not None else None)
+    verdict = _read_json(
+        run,
+        relative(VERDICT_FILE),
+        "the verdict: whether the fine-tune worked is not decided" if run.after is not None else None,
+    )
     if verdict is None:
         return None
     if verdict.get("verdict") not in VERDICTS or not isinstance(verdict.get("headline"), str):
         run.unreadable.append(f"{relative(VERDICT_FILE)}: not a verdict")
         return None
     # Only what the report shows is taken, each checked: the bootstrap details may hold anything.
-    return Verdict(verdict=verdict["verdict"], headline=verdict["headline"], primary=str(verdict.get("primary")),
-                   reasons=[str(reason) for reason in _as_list(verdict.get("reasons"))],
-                   caveats=[str(caveat) for caveat in _as_list(verdict.get("caveats"))])
+    return Verdict(
+        verdict=verdict["verdict"],
+        headline=verdict["headline"],
+        primary=str(verdict.get("primary")),
+        reasons=[str(reason) for reason in _as_list(verdict.get("reasons"))],
+        caveats=[str(caveat) for caveat in _as_list(verdict.get("caveats"))],
+    )
 
 
 def parse_leniently(model: type[Record], value: dict | None):
@@ -264,8 +302,13 @@ def _saved_finding(item) -> Finding | None:
     steps, advice = item.get("steps"), item.get("advice")
     if not isinstance(steps, list) or len(steps) != 2:
         return None
-    return Finding(str(item.get("code")), str(item.get("severity")), (steps[0], steps[1]), str(item.get("evidence", "")),
-                   [str(a) for a in advice] if isinstance(advice, list) else [])
+    return Finding(
+        str(item.get("code")),
+        str(item.get("severity")),
+        (steps[0], steps[1]),
+        str(item.get("evidence", "")),
+        [str(a) for a in advice] if isinstance(advice, list) else [],
+    )
 
 
 def _plots(run: Run) -> dict[str, bytes]:

@@ -23,10 +23,26 @@ from sftlab.report.run import parse_leniently
 from sftlab.rundir import AUDIT_FILE, RUN_INFO_FILE, eval_file, read_json_object, write_json
 
 PACKAGES = ("sftlab", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers")
-RECORDED_ARGS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps",
-                 "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "weight_decay",
-                 "max_grad_norm", "optim", "max_length", "packing", "activation_checkpointing", "seed",
-                 "logging_steps", "eval_steps", "save_steps")
+RECORDED_ARGS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "world_size",
+    "weight_decay",
+    "max_grad_norm",
+    "optim",
+    "max_length",
+    "packing",
+    "activation_checkpointing",
+    "seed",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+)
 
 
 @contextlib.contextmanager
@@ -35,8 +51,10 @@ def writing(path: Path):
     try:
         yield
     except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}",
-                        hint="check the permissions and free space of the run directory") from None
+        raise UserError(
+            f"cannot write {path}: {error.strerror or error}",
+            hint="check the permissions and free space of the run directory",
+        ) from None
 
 
 def write_audit(run_dir: str | Path, audit: dict) -> Path:
@@ -56,7 +74,9 @@ def write_run_info(run_dir: str | Path, args, plan: dict | None = None) -> Path:
     """
     path = Path(run_dir) / RUN_INFO_FILE
     raw = read_json_object(path)
-    previous = parse_leniently(RunInfo, raw) if raw else None  # None: the first start (or a file a kill left unreadable)
+    previous = (
+        parse_leniently(RunInfo, raw) if raw else None
+    )  # None: the first start (or a file a kill left unreadable)
     now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     info = {
         "started_at": previous.started_at or now if previous else now,
@@ -95,8 +115,12 @@ def _hardware_now(args) -> dict:
 
     import torch
 
-    info = {"device": str(getattr(args, "device", "cpu")), "cpu_count": os.cpu_count(),
-            "processes": getattr(args, "world_size", 1), "platform": platform.platform()}
+    info = {
+        "device": str(getattr(args, "device", "cpu")),
+        "cpu_count": os.cpu_count(),
+        "processes": getattr(args, "world_size", 1),
+        "platform": platform.platform(),
+    }
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
