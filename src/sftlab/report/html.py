@@ -28,13 +28,20 @@ from sftlab.report.limitations import known_limitations
 from sftlab.report.results import evaluation_setup, results, side_by_side
 from sftlab.report.run import Run
 from sftlab.report.text import duration, fmt
-from sftlab.rundir import EVAL_SAMPLES_FILE, FINAL_DIR, relative
+from sftlab.rundir import AFTER_FILE, AUDIT_FILE, BEFORE_FILE, CARD_FILE, EVAL_SAMPLES_FILE, FINAL_DIR, relative
 
 HTML_TEMPLATE = "report.html.j2"
 LIVE_REFRESH_SECONDS = 30  # a report written during training reloads itself this often in the browser
 SAMPLES_SHOWN = 8  # side-by-side answers in the HTML, enough to read; the rest stay in eval/samples.jsonl
 PROBLEMS_SHOWN = 20  # data problems listed in the HTML; the rest are in eval/audit.json
 DUPLICATES_SHOWN = 5
+# Files the page names when they are missing, as rundir.py spells them.
+REPORTED_FILES = {
+    "audit": relative(AUDIT_FILE),
+    "before": relative(BEFORE_FILE),
+    "after": relative(AFTER_FILE),
+    "card": CARD_FILE,
+}
 
 
 @functools.cache
@@ -83,6 +90,7 @@ def render_html(run: Run, card: str, status: Status | None = None, live: bool = 
             duration=duration,
             final_dir=FINAL_DIR,
             eval_samples_file=relative(EVAL_SAMPLES_FILE),
+            files=REPORTED_FILES,
             verdict=run.verdict,
             live=live,
             refresh_seconds=LIVE_REFRESH_SECONDS,
