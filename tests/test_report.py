@@ -263,8 +263,8 @@ def complete_run(tmp_path_factory) -> Path:
                    stopped={"reason": "overfitting", "step": 18, "evidence": "e"})
     (run / "eval" / "prompted.json").write_text(json.dumps({**eval_result("prompted", 2.0, 0.5, 3.0),
                                                             "prompting": {"shots": 3, "system_prompt": "s"}}))
-    (run / "eval" / "verdict.json").write_text(json.dumps({"verdict": "worked", "headline": "worked: h", "primary": "format",
-                                                           "reasons": ["r"], "caveats": ["c"]}))
+    verdict = {"verdict": "worked", "headline": "worked: h", "primary": "format", "reasons": ["r"], "caveats": ["c"]}
+    (run / "eval" / "verdict.json").write_text(json.dumps(verdict))
     (run / "diagnosis.json").write_text(json.dumps({"phase": "converged", "findings": [
         {"code": "overfitting", "severity": "warning", "steps": [10, 18], "evidence": "e", "advice": ["a"]}]}))
     (run / "best_checkpoint.json").write_text(json.dumps({"step": 20, "eval_loss": 1.1, "path": "checkpoint-20"}))
@@ -302,7 +302,7 @@ def _places(value):
 
 @settings(max_examples=30, deadline=None)
 @given(st.dictionaries(st.sampled_from(CORRUPTIBLE), CORRUPTIONS, min_size=1))
-@example({"eval/audit.json": ("wrong_type", {"\ud800": 1, "splits": {}})})  # a key pydantic refuses (found by this test)
+@example({"eval/audit.json": ("wrong_type", {"\ud800": 1, "splits": {}})})  # a key pydantic refuses (found by it)
 @example({"config.yaml": ("wrong_type", {"training": {"seed": "\U0001F600"}})})  # YAML reads it as two lone surrogates
 def test_sftlab_report_on_randomly_corrupted_files_exits_0_or_2_without_a_traceback(complete_run, corruptions):
     import shutil
