@@ -41,7 +41,7 @@ from sftlab.config import (
 )
 from sftlab.errors import ConfigError
 from sftlab.model import activation_bytes_per_token, training_state_bytes
-from sftlab.rundir import RUN_INFO_FILE, read_json_object, write_json
+from sftlab.rundir import RUN_INFO_FILE, read_json_object, write_json, writing
 from sftlab.speed import PackingChoice, accelerator_type, packing_for
 
 # =========================================================================== the config's defaults
@@ -299,13 +299,14 @@ def write_run_info(run_dir: str | Path, args, plan: dict | None = None) -> Path:
     them), the plan and the start time; a resumed run keeps the first start time and lists
     each resumption.
     """
+    from sftlab.contracts import RunInfo
+
     path = Path(run_dir) / RUN_INFO_FILE
-    previous = read_json_object(path) or {}
+    previous = RunInfo.parse(read_json_object(path))  # None: the first start (or a file a kill left unreadable)
     now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    resumed = previous.get("resumed_at") if isinstance(previous.get("resumed_at"), list) else []
     info = {
-        "started_at": previous.get("started_at", now),
-        "resumed_at": [*resumed, now] if previous else [],
+        "started_at": (previous.started_at or now) if previous else now,
+        "resumed_at": [*previous.resumed_at, now] if previous else [],
         "hardware": _hardware_now(args),
         "precision": "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "fp32",
         "versions": current_versions(),
@@ -313,7 +314,8 @@ def write_run_info(run_dir: str | Path, args, plan: dict | None = None) -> Path:
         "sft_config": sft_config_record(args),
         "plan": plan,
     }
-    write_json(path, info)
+    with writing(path):
+        write_json(path, info)
     return path
 
 

@@ -30,6 +30,7 @@ other are parsed from them once, leniently (contracts.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -101,6 +102,26 @@ def append_jsonl(path: str | Path, record: dict) -> None:
     """One line at the end (metrics.jsonl): a kill can cut only this line, which readers skip."""
     with Path(path).open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+@contextlib.contextmanager
+def writing(path: str | Path):
+    """Around a write into the run directory: a full disk or a read-only directory is the user's to fix, not a crash."""
+    from sftlab.errors import UserError
+
+    try:
+        yield
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}",
+                        hint="check the permissions and free space of the run directory") from None
+
+
+def write_audit(run_dir: str | Path, audit: dict) -> Path:
+    """eval/audit.json: the data audit (`sftlab check --json`), written by training, main process only."""
+    path = eval_file(run_dir, AUDIT_FILE)
+    with writing(path):
+        write_json(path, audit)
+    return path
 
 
 # =========================================================================== reading

@@ -39,14 +39,14 @@ from sftlab.model import add_default_chat_template, load_model, load_tokenizer, 
 from sftlab.monitor import (
     LiveDiagnosis, LiveReport, MetricsLogger, NonFiniteGuard, OutputSampler, ProgressBar, read_stop, trim_metrics,
 )
-from sftlab.report import write_audit, write_report
+from sftlab.report import write_report
 from sftlab.resolve import (
     has_accelerator, print_plan, resolve_training, settings_needing_eval_data, training_plan, write_run_info,
 )
 from sftlab.rundir import (
     CONFIG_FILE, FINAL_DIR, METRICS_FILE, STOPPED_FILE, checkpoint_dirs, checkpoint_for_final, checkpoint_step,
     copy_model_files, discard_incomplete_checkpoints, latest_checkpoint, mark_checkpoint_complete, prepare_run_dir,
-    record_best_checkpoint, write_atomically,
+    record_best_checkpoint, write_atomically, write_audit,
 )
 from sftlab.speed import accelerator_type, check_speed_options, refuse_contaminating_packing, use_attention
 

@@ -27,7 +27,7 @@ import yaml
 
 from sftlab.config import EMBEDDED_MODEL
 from sftlab.report.run import Run
-from sftlab.report.run_info import current_versions
+from sftlab.resolve import current_versions
 from sftlab.rundir import CARD_FILE, EXPORTS_FILE, FINAL_DIR, METRICS_FILE, RUN_INFO_FILE, read_json_object
 
 # The embedded default model is SmolLM2-135M-Instruct: its hub id and license go into the card.

@@ -140,16 +140,15 @@ def read_run(run_dir: str | Path, plots: bool = True) -> Run:
     _check_is_run(path)
     run = Run(path=path)
     config = _read_yaml(run, CONFIG_FILE, "the resolved config: training parameters are unknown")
-    run.config = parse_leniently(RunConfig, config) or RunConfig()
+    run.config = RunConfig.parse(config) or RunConfig()
     info = _read_json(run, RUN_INFO_FILE, "hardware, versions and resolved arguments of the training process")
-    run.run_info = parse_leniently(RunInfo, info) or RunInfo()
-    run.hardware = parse_leniently(Hardware, run.run_info.hardware) if run.run_info.hardware else None
-    run.audit = parse_leniently(
-        Audit, _read_json(run, relative(AUDIT_FILE), "the data audit: dataset characteristics are unknown")
+    run.run_info = RunInfo.parse(info) or RunInfo()
+    run.hardware = Hardware.parse(run.run_info.hardware) if run.run_info.hardware else None
+    run.audit = Audit.parse(_read_json(run, relative(AUDIT_FILE), "the data audit: dataset characteristics are unknown")
     )
     _read_metrics(run)
     stopped = _read_json(run, STOPPED_FILE, None)  # only written when the run stopped early
-    run.stopped = parse_leniently(StopRecord, stopped) if stopped else None
+    run.stopped = StopRecord.parse(stopped) if stopped else None
     _read_evaluations(run)
     run.verdict = _read_verdict(run)
     run.eval_samples = _read_samples(
@@ -184,17 +183,11 @@ def _read_evaluations(run: Run) -> None:
     """eval/before.json, prompted.json, after.json; a baseline switched off in the config is not missing."""
     before_missing = "the base model's evaluation: no before/after comparison"
     prompted_missing = "the prompted base model's evaluation: prompting is not compared"
-    run.before = parse_leniently(
-        EvalSummary,
-        _read_json(run, relative(BEFORE_FILE), before_missing if run.config.eval.baseline is not False else None),
+    run.before = EvalSummary.parse(_read_json(run, relative(BEFORE_FILE), before_missing if run.config.eval.baseline is not False else None),
     )
-    run.prompted = parse_leniently(
-        EvalSummary,
-        _read_json(run, relative(PROMPTED_FILE), prompted_missing if run.config.eval.prompted_baseline else None),
+    run.prompted = EvalSummary.parse(_read_json(run, relative(PROMPTED_FILE), prompted_missing if run.config.eval.prompted_baseline else None),
     )
-    run.after = parse_leniently(
-        EvalSummary,
-        _read_json(run, relative(AFTER_FILE), "the evaluation of the fine-tuned model: results are unmeasured"),
+    run.after = EvalSummary.parse(_read_json(run, relative(AFTER_FILE), "the evaluation of the fine-tuned model: results are unmeasured"),
     )
 
 
@@ -218,15 +211,6 @@ def _read_verdict(run: Run) -> Verdict | None:
         reasons=[str(reason) for reason in _as_list(verdict.get("reasons"))],
         caveats=[str(caveat) for caveat in _as_list(verdict.get("caveats"))],
     )
-
-
-def parse_leniently(model: type[Record], value: dict | None):
-    """model.parse(value), also for a mapping whose unknown keys are no valid text: JSON can spell a lone surrogate
-    ("\\ud800"), which pydantic refuses as a key of the record itself (nested ones its fields' defaults absorb)."""
-    try:
-        return model.parse(value)
-    except ValidationError:
-        return model.parse({key: item for key, item in value.items() if key in model.model_fields})
 
 
 def _as_list(value) -> list:
