@@ -9,7 +9,9 @@ import pytest
 
 from conftest import write_jsonl
 from sftlab.config import FormatSpec, load_config
-from sftlab.monitor import METRICS_FILE, SAMPLES_FILE, follows_format, read_jsonl
+from sftlab.monitor import follows_format
+from sftlab.rundir import METRICS_FILE, read_jsonl
+from sftlab.rundir import TRAINING_SAMPLES_FILE as SAMPLES_FILE
 from sftlab.train import train
 
 

@@ -25,7 +25,7 @@ import torch
 from conftest import write_config
 from sftlab.config import load_config
 from sftlab.errors import ConfigError, UserError
-from sftlab.monitor import METRICS_FILE, read_jsonl
+from sftlab.rundir import METRICS_FILE, read_jsonl
 from sftlab.train import (
     COMPLETE_MARKER, _out_of_memory_as_user_error, checkpoint_is_complete, checkpoint_step,
     discard_incomplete_checkpoints, latest_checkpoint, train,
