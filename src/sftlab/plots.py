@@ -67,5 +67,8 @@ def _shade_findings(axes, diagnosis: Diagnosis) -> None:
 
 
 def _series(records: list[dict], key: str) -> list[tuple[int, float]]:
-    return [(record["step"], record[key]) for record in records
-            if isinstance(record.get(key), (int, float)) and math.isfinite(record[key]) and "train_runtime" not in record]
+    return [
+        (record["step"], record[key])
+        for record in records
+        if isinstance(record.get(key), (int, float)) and math.isfinite(record[key]) and "train_runtime" not in record
+    ]

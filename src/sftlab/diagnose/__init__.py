@@ -31,7 +31,16 @@ Pure Python and numpy (and pydantic for the models): no torch or transformers, s
 from sftlab.diagnose.assess import diagnose
 from sftlab.diagnose.curves import Curves, Series, read_history
 from sftlab.diagnose.findings import (
-    ADVICE, CODES, DIVERGING, NOT_STARTED, PHASES, SEVERITIES, Diagnosis, Finding, read_diagnosis, write_diagnosis,
+    ADVICE,
+    CODES,
+    DIVERGING,
+    NOT_STARTED,
+    PHASES,
+    SEVERITIES,
+    Diagnosis,
+    Finding,
+    read_diagnosis,
+    write_diagnosis,
 )
 from sftlab.diagnose.printing import RENDER_ADVICE
 from sftlab.diagnose.signs import UNDERFIT_MIN_STEPS
@@ -39,6 +48,24 @@ from sftlab.rundir import METRICS_FILE, TRAINER_STATE_FILE
 from sftlab.rundir import TRAINING_SAMPLES_FILE as SAMPLES_FILE
 
 # From ADVICE on: names other stages import from here (report.py); the file names are rundir's.
-__all__ = ["PHASES", "SEVERITIES", "CODES", "Finding", "Diagnosis", "diagnose", "read_history", "Curves", "Series",
-           "read_diagnosis", "write_diagnosis", "ADVICE", "DIVERGING", "NOT_STARTED", "RENDER_ADVICE",
-           "UNDERFIT_MIN_STEPS", "METRICS_FILE", "TRAINER_STATE_FILE", "SAMPLES_FILE"]
+__all__ = [
+    "PHASES",
+    "SEVERITIES",
+    "CODES",
+    "Finding",
+    "Diagnosis",
+    "diagnose",
+    "read_history",
+    "Curves",
+    "Series",
+    "read_diagnosis",
+    "write_diagnosis",
+    "ADVICE",
+    "DIVERGING",
+    "NOT_STARTED",
+    "RENDER_ADVICE",
+    "UNDERFIT_MIN_STEPS",
+    "METRICS_FILE",
+    "TRAINER_STATE_FILE",
+    "SAMPLES_FILE",
+]

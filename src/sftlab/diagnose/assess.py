@@ -16,7 +16,13 @@ from sftlab.diagnose.curves import Curves
 from sftlab.diagnose.findings import ADVICE, DIVERGING, SEVERITY_ORDER, Diagnosis, Finding
 from sftlab.diagnose.instability import instability
 from sftlab.diagnose.signs import (
-    healthy, inconsistent_format, memorization, overfitting, phase_of, underfitting, zero_loss,
+    healthy,
+    inconsistent_format,
+    memorization,
+    overfitting,
+    phase_of,
+    underfitting,
+    zero_loss,
 )
 
 
@@ -45,15 +51,26 @@ def diagnose(records: list[dict], samples: list[dict] = (), memorization_loss: f
         if overfit:
             findings.append(overfit)
     elif len(train):
-        findings.append(Finding("no_eval_data", "info", (int(train_steps[0]), int(train_steps[-1])),
-                                "no eval loss was logged, so overfitting and the train/eval gap cannot be checked",
-                                ADVICE["no_eval_data"]))
+        findings.append(
+            Finding(
+                "no_eval_data",
+                "info",
+                (int(train_steps[0]), int(train_steps[-1])),
+                "no eval loss was logged, so overfitting and the train/eval gap cannot be checked",
+                ADVICE["no_eval_data"],
+            )
+        )
 
     # a loss of exactly 0 is a bug, not a model that learned (underfitting and memorization say nothing then)
-    underfit = None if train_rising or zero else underfitting(train_steps, train, eval_steps, evals, lr_steps, lr, phase)
-    for rule in (zero, underfit,
-                 None if zero else memorization(train_steps, train, eval_steps, evals, memorization_loss, curves.epochs),
-                 inconsistent_format(samples)):
+    underfit = (
+        None if train_rising or zero else underfitting(train_steps, train, eval_steps, evals, lr_steps, lr, phase)
+    )
+    for rule in (
+        zero,
+        underfit,
+        None if zero else memorization(train_steps, train, eval_steps, evals, memorization_loss, curves.epochs),
+        inconsistent_format(samples),
+    ):
         if rule:
             findings.append(rule)
 

@@ -26,11 +26,18 @@ import numpy as np
 
 from sftlab.errors import UserError
 from sftlab.rundir import (
-    METRICS_FILE, TRAINER_STATE_FILE, TRAINING_SAMPLES_FILE, checkpoint_dirs, read_json_checked, read_jsonl_checked,
+    METRICS_FILE,
+    TRAINER_STATE_FILE,
+    TRAINING_SAMPLES_FILE,
+    checkpoint_dirs,
+    read_json_checked,
+    read_jsonl_checked,
 )
 
-_EXPECTED = ("an sftlab run directory (with metrics.jsonl), a metrics.jsonl, "
-             "or a trainer_state.json from a transformers/TRL run (or a checkpoint directory holding one)")
+_EXPECTED = (
+    "an sftlab run directory (with metrics.jsonl), a metrics.jsonl, "
+    "or a trainer_state.json from a transformers/TRL run (or a checkpoint directory holding one)"
+)
 
 # =========================================================================== reading logs
 
@@ -46,10 +53,14 @@ def read_history(path: str | Path) -> tuple[list[dict], list[dict]]:
         if (path / TRAINER_STATE_FILE).is_file():
             return _read_trainer_state(path / TRAINER_STATE_FILE), []
         _check_listable(path)
-        checkpoints = [checkpoint for checkpoint in checkpoint_dirs(path) if (checkpoint / TRAINER_STATE_FILE).is_file()]
+        checkpoints = [
+            checkpoint for checkpoint in checkpoint_dirs(path) if (checkpoint / TRAINER_STATE_FILE).is_file()
+        ]
         if checkpoints:  # a transformers output_dir: the latest checkpoint's state holds the whole history
             return _read_trainer_state(checkpoints[-1] / TRAINER_STATE_FILE), []
-        raise UserError(f"{path}: no {METRICS_FILE} or {TRAINER_STATE_FILE} in this directory", hint=f"pass {_EXPECTED}")
+        raise UserError(
+            f"{path}: no {METRICS_FILE} or {TRAINER_STATE_FILE} in this directory", hint=f"pass {_EXPECTED}"
+        )
     if path.suffix == ".jsonl":
         return _read_jsonl(path), _samples_next_to(path) if path.name == METRICS_FILE else []
     if path.suffix == ".json":
@@ -74,8 +85,9 @@ def _read_jsonl(path: Path) -> list[dict]:
     """Every JSON object of a JSONL file; invalid lines (a last line cut by a kill) are skipped."""
     records, reason = read_jsonl_checked(path)
     if reason == "no JSON object on any line":
-        raise UserError(f"{path}: no JSON object on any line; expected JSON Lines, one record per line",
-                        hint=f"pass {_EXPECTED}")
+        raise UserError(
+            f"{path}: no JSON object on any line; expected JSON Lines, one record per line", hint=f"pass {_EXPECTED}"
+        )
     if reason:
         raise _unreadable(path, reason)
     return records
@@ -89,22 +101,32 @@ def _samples_next_to(metrics: Path) -> list[dict]:
 def _read_trainer_state(path: Path) -> list[dict]:
     state, reason = read_json_checked(path)
     if reason and reason.startswith("invalid JSON"):
-        raise UserError(f"{path}: {reason}: expected a trainer_state.json with a log_history",
-                        hint=f"pass {_EXPECTED}")
+        raise UserError(f"{path}: {reason}: expected a trainer_state.json with a log_history", hint=f"pass {_EXPECTED}")
     if reason:
         raise _unreadable(path, reason)
     history = state.get("log_history") if isinstance(state, dict) else None
     if not isinstance(history, list):
-        raise UserError(f"{path}: no log_history list: expected a trainer_state.json written by transformers",
-                        hint=f"pass {_EXPECTED}")
+        raise UserError(
+            f"{path}: no log_history list: expected a trainer_state.json written by transformers",
+            hint=f"pass {_EXPECTED}",
+        )
     return [record for record in history if isinstance(record, dict)]
 
 
 # =========================================================================== values and curves
 
 
-_NON_FINITE = {"nan": math.nan, "+nan": math.nan, "-nan": math.nan, "inf": math.inf, "+inf": math.inf,
-               "infinity": math.inf, "+infinity": math.inf, "-inf": -math.inf, "-infinity": -math.inf}
+_NON_FINITE = {
+    "nan": math.nan,
+    "+nan": math.nan,
+    "-nan": math.nan,
+    "inf": math.inf,
+    "+inf": math.inf,
+    "infinity": math.inf,
+    "+infinity": math.inf,
+    "-inf": -math.inf,
+    "-infinity": -math.inf,
+}
 
 
 def metric_value(value) -> float | None:
@@ -161,9 +183,13 @@ class Curves:
     def from_records(cls, records) -> Curves:
         records = [record for record in (records or []) if isinstance(record, dict)]
         epochs = series(records, "epoch").finite().values
-        return cls(train=series(records, "loss"), eval=series(records, "eval_loss"),
-                   grad_norm=series(records, "grad_norm"), learning_rate=series(records, "learning_rate"),
-                   epochs=float(epochs.max()) if len(epochs) else 0.0)
+        return cls(
+            train=series(records, "loss"),
+            eval=series(records, "eval_loss"),
+            grad_norm=series(records, "grad_norm"),
+            learning_rate=series(records, "learning_rate"),
+            epochs=float(epochs.max()) if len(epochs) else 0.0,
+        )
 
 
 def format_shares(samples) -> list[tuple[int, float, int]]:

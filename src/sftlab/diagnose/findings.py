@@ -29,8 +29,16 @@ PHASES = ("initial_sharp_drop", "gradual_stabilization", "converged")
 NOT_STARTED = "not_started"
 DIVERGING = "diverging"  # not one of the chapter's phases: the loss climbs instead of settling
 SEVERITIES = ("info", "warning", "error")
-CODES = ("overfitting", "underfitting", "memorization", "instability", "inconsistent_format", "zero_loss", "healthy",
-         "no_eval_data")
+CODES = (
+    "overfitting",
+    "underfitting",
+    "memorization",
+    "instability",
+    "inconsistent_format",
+    "zero_loss",
+    "healthy",
+    "no_eval_data",
+)
 
 ADVICE = {
     "overfitting": [
@@ -45,7 +53,8 @@ ADVICE = {
     ],
     "memorization": [
         "Compare outputs on held-out prompts with the training examples: near copies mean memorization.",
-        "Check the diversity of the outputs: responses too similar to each other or to the training examples are a sign.",
+        "Check the diversity of the outputs: responses too similar to each other or to the training examples "
+        "are a sign.",
         "Use more, and more varied, training data.",
         "Train for fewer epochs.",
     ],
@@ -57,7 +66,8 @@ ADVICE = {
         "Lower the learning rate: too high a learning rate causes instability.",
         "Add or lengthen the warmup (warmup_ratio).",
         "Check gradient clipping (max_grad_norm; 1.0 by default).",
-        "Check the data for extreme examples (very long, empty or garbled rows): `sftlab check` lists lengths and problems.",
+        "Check the data for extreme examples (very long, empty or garbled rows): `sftlab check` lists lengths "
+        "and problems.",
     ],
     "non_finite": [
         "A NaN or infinite value stops the run: go back to the last good checkpoint and change what follows.",
@@ -107,8 +117,13 @@ class Finding(BaseModel):
         super().__init__(code=code, severity=severity, steps=steps, evidence=evidence, advice=advice)
 
     def to_json(self) -> dict:
-        return {"code": self.code, "severity": self.severity, "steps": [int(self.steps[0]), int(self.steps[1])],
-                "evidence": self.evidence, "advice": list(self.advice)}
+        return {
+            "code": self.code,
+            "severity": self.severity,
+            "steps": [int(self.steps[0]), int(self.steps[1])],
+            "evidence": self.evidence,
+            "advice": list(self.advice),
+        }
 
 
 class Diagnosis(BaseModel):
@@ -137,9 +152,15 @@ class Diagnosis(BaseModel):
             steps = item.get("steps") if isinstance(item, dict) else None
             if isinstance(steps, list) and len(steps) == 2:
                 advice = item.get("advice")
-                findings.append(Finding(str(item.get("code")), str(item.get("severity")), (steps[0], steps[1]),
-                                        str(item.get("evidence", "")),
-                                        [str(a) for a in advice] if isinstance(advice, list) else []))
+                findings.append(
+                    Finding(
+                        str(item.get("code")),
+                        str(item.get("severity")),
+                        (steps[0], steps[1]),
+                        str(item.get("evidence", "")),
+                        [str(a) for a in advice] if isinstance(advice, list) else [],
+                    )
+                )
         return cls(phase=str(value.get("phase", "unknown")), findings=findings)
 
 

@@ -27,7 +27,14 @@ import numpy as np
 from sftlab.diagnose.curves import format_shares
 from sftlab.diagnose.findings import ADVICE, NOT_STARTED, Finding
 from sftlab.diagnose.stats import (
-    end_level, fmt, level_at, pct, relative_noise, rolling_median, start_level, theil_sen_slope,
+    end_level,
+    fmt,
+    level_at,
+    pct,
+    relative_noise,
+    rolling_median,
+    start_level,
+    theil_sen_slope,
 )
 
 # --------------------------------------------------------------------------- thresholds
@@ -37,26 +44,39 @@ from sftlab.diagnose.stats import (
 
 # Phase.
 PHASE_MIN_POINTS = 4  # fewer logged train losses than this: too early to see a shape; the run is in its first phase.
-PHASE_WINDOW_SHARE = 0.25  # the "recent" part of the curve is its last quarter (at least 3 logs): long enough to average out noise.
-CONVERGED_REL = 0.03  # converged when the recent quarter lowers the loss by less than 3% of its level: within typical log-to-log noise.
-CONVERGED_FLOOR_SHARE = 0.05  # ... relative to at least 5% of the initial loss, so a loss near 0 does not make 0.002 -> 0.001 look like 50%.
+PHASE_WINDOW_SHARE = (
+    0.25  # the "recent" part of the curve is its last quarter (at least 3 logs): long enough to average out noise.
+)
+CONVERGED_REL = 0.03  # converged when the recent quarter lowers the loss by less than 3% of its level: within typical
+#   log-to-log noise.
+CONVERGED_FLOOR_SHARE = 0.05  # ... relative to at least 5% of the initial loss, so a loss near 0 does not make 0.002 ->
+#   0.001 look like 50%.
 PHASE_Z = 3.0  # ... or by less than 3 standard errors of the fitted change (a noisy flat curve has a random slope).
 PHASE_NOISE_MIN_POINTS = 8  # ... the log-to-log noise being measured once there are 8 logs.
-SHARP_RATE_RATIO = 0.5  # still in the sharp drop while the recent rate of descent is at least half the average rate since the start
+SHARP_RATE_RATIO = (
+    0.5  # still in the sharp drop while the recent rate of descent is at least half the average rate since the start
+)
 #   (an exponential decay keeps ~60% or more of its average rate during its first time constant, ~30% by the second).
 
 # Underfitting.
-UNDERFIT_MIN_POINTS = 10  # at least 10 train logs, not in warmup: the first evaluations of a run must not be called underfitting.
-UNDERFIT_REL = 0.10  # "no significant improvement": the loss fell by less than 10% of its initial level (fine-tunes usually fall 30%+),
+UNDERFIT_MIN_POINTS = (
+    10  # at least 10 train logs, not in warmup: the first evaluations of a run must not be called underfitting.
+)
+UNDERFIT_REL = 0.10  # "no significant improvement": the loss fell by less than 10% of its initial level (fine-tunes
+#   usually fall 30%+),
 #   by both the start/end levels and a robust line through all logs, once the initial drop is over.
 UNDERFIT_MIN_STEPS = 50  # ... at least 50 optimizer steps ...
-UNDERFIT_AFTER_WARMUP = 2  # ... and twice the warmup (the step of the peak learning rate): as long at full rate as warming up ...
+UNDERFIT_AFTER_WARMUP = (
+    2  # ... and twice the warmup (the step of the peak learning rate): as long at full rate as warming up ...
+)
 UNDERFIT_Z = 1.5  # ... with a margin of 1.5 standard errors of the fitted fall: a very noisy curve needs more logs ...
 UNDERFIT_EVAL_REL = 0.05  # ... and eval loss (far less noisy than train loss) did not improve by 5% either.
 
 # Memorization.
 MEMO_MIN_POINTS = 3  # the extremely low loss must hold for the last 3 logs (median), not one lucky batch.
-MEMO_EVAL_HIGH_FACTOR = 4.0  # eval loss at 4x the memorization threshold or more (0.2 for 0.05) is "much higher": train is memorized.
+MEMO_EVAL_HIGH_FACTOR = (
+    4.0  # eval loss at 4x the memorization threshold or more (0.2 for 0.05) is "much higher": train is memorized.
+)
 #   Below that, train and eval are both very low: a deterministic task (strict JSON extraction), reported as info only.
 # Memorization relative to the run: an absolute threshold misses a chat set whose loss starts at 5.7 and ends at 0.057.
 MEMO_REL = 0.02  # the train loss ended at 2% of where it started or less (a healthy fine-tune keeps 10%+ of its start:
@@ -75,10 +95,18 @@ OVERFIT_MIN_EVALS = 3  # at least 3 eval points before any overfitting call: two
 EVAL_RISE_REL = 0.03  # eval loss must exceed its minimum by 3% (eval noise at convergence is typically under 1%) ...
 EVAL_RISE_ABS = 0.005  # ... and by at least 0.005 nats, for losses near zero ...
 EVAL_RISE_POINTS = 2  # ... at the last 2 consecutive evaluations (one higher point is noise, two in a row is a rise).
-OVERFIT_TRAIN_FLAT_REL = 0.02  # "while train loss falls": train may be flat (+2%), but if it rises too, that is instability, not overfitting
-TRAIN_RISE_Z = 2.0  # ... "rises" meaning a fitted rise above 2% and above 2 standard errors of the fit (noise is not a rise).
-OVERFIT_ERROR_REL = 0.15  # eval loss 15%+ above its minimum is an error: the last checkpoints are clearly worse than the best one.
-SLOW_TRAIN_DROP_REL = 0.10  # widening gap: over the recent half of the evaluations train loss fell by at least 10% of its level ...
+OVERFIT_TRAIN_FLAT_REL = (
+    0.02  # "while train loss falls": train may be flat (+2%), but if it rises too, that is instability, not overfitting
+)
+TRAIN_RISE_Z = (
+    2.0  # ... "rises" meaning a fitted rise above 2% and above 2 standard errors of the fit (noise is not a rise).
+)
+OVERFIT_ERROR_REL = (
+    0.15  # eval loss 15%+ above its minimum is an error: the last checkpoints are clearly worse than the best one.
+)
+SLOW_TRAIN_DROP_REL = (
+    0.10  # widening gap: over the recent half of the evaluations train loss fell by at least 10% of its level ...
+)
 SLOW_TRAIN_DROP_ABS = 0.02  # ... (and by at least 0.02 nats) ...
 SLOW_EVAL_RATIO = 0.5  # ... while eval loss fell by less than half as much ("a significantly slower rate") ...
 GAP_WIDEN_REL = 0.10  # ... so that the eval - train gap grew by at least 10% of the eval loss ...
@@ -149,9 +177,14 @@ def overfitting(train_steps, train, eval_steps, evals, train_rising: bool) -> Fi
             context = None  # train loss rises too: the curve is unstable, not overfitting
         if context is not None:
             severity = "error" if now >= minimum * (1 + OVERFIT_ERROR_REL) else "warning"
-            return Finding("overfitting", severity, (int(eval_steps[lowest]), int(eval_steps[-1])),
-                           f"eval loss rose from its minimum {fmt(minimum)} at step {eval_steps[lowest]} to {fmt(now)} "
-                           f"at step {eval_steps[-1]} ({pct(now, minimum)}) {context}", ADVICE["overfitting"])
+            return Finding(
+                "overfitting",
+                severity,
+                (int(eval_steps[lowest]), int(eval_steps[-1])),
+                f"eval loss rose from its minimum {fmt(minimum)} at step {eval_steps[lowest]} to {fmt(now)} "
+                f"at step {eval_steps[-1]} ({pct(now, minimum)}) {context}",
+                ADVICE["overfitting"],
+            )
     # 2. eval loss falling much more slowly than train loss, the gap widening. The train loss is a robust
     #    line through its logs over the recent half of the evaluations: single logs are far too noisy.
     if n < SLOW_MIN_EVALS:
@@ -171,16 +204,22 @@ def overfitting(train_steps, train, eval_steps, evals, train_rising: bool) -> Fi
     widened = gaps[-1] - gaps[0]
     # the standard error of a change fitted through m noisy logs is sigma * sqrt(12 / m)
     uncertainty = SLOW_Z * relative_noise(train) * float(np.median(ys)) * math.sqrt(12 / len(ys))
-    if (train_drop >= max(SLOW_TRAIN_DROP_REL * abs(train_at[0]), SLOW_TRAIN_DROP_ABS)
-            and eval_drop < SLOW_EVAL_RATIO * train_drop
-            and widened >= max(GAP_WIDEN_REL * abs(evals[-1]), GAP_WIDEN_ABS, uncertainty)
-            and gaps[-1] >= float(np.median(gaps))  # still wide at the end, not closing again
-            and gaps[-1] > max(HEALTHY_GAP_REL * abs(evals[-1]), HEALTHY_GAP_ABS)):  # and the gap is no longer small
-        return Finding("overfitting", "warning", (s0, s1),
-                       f"from step {s0} to {s1} train loss fell {fmt(train_at[0])} -> {fmt(train_at[-1])} "
-                       f"({pct(train_at[-1], train_at[0])}) but eval loss only {fmt(evals[first])} -> {fmt(evals[-1])} "
-                       f"({pct(evals[-1], evals[first])}); the gap widened from {gaps[0]:.3g} to {gaps[-1]:.3g}",
-                       ADVICE["overfitting"])
+    if (
+        train_drop >= max(SLOW_TRAIN_DROP_REL * abs(train_at[0]), SLOW_TRAIN_DROP_ABS)
+        and eval_drop < SLOW_EVAL_RATIO * train_drop
+        and widened >= max(GAP_WIDEN_REL * abs(evals[-1]), GAP_WIDEN_ABS, uncertainty)
+        and gaps[-1] >= float(np.median(gaps))  # still wide at the end, not closing again
+        and gaps[-1] > max(HEALTHY_GAP_REL * abs(evals[-1]), HEALTHY_GAP_ABS)
+    ):  # and the gap is no longer small
+        return Finding(
+            "overfitting",
+            "warning",
+            (s0, s1),
+            f"from step {s0} to {s1} train loss fell {fmt(train_at[0])} -> {fmt(train_at[-1])} "
+            f"({pct(train_at[-1], train_at[0])}) but eval loss only {fmt(evals[first])} -> {fmt(evals[-1])} "
+            f"({pct(evals[-1], evals[first])}); the gap widened from {gaps[0]:.3g} to {gaps[-1]:.3g}",
+            ADVICE["overfitting"],
+        )
     return None
 
 
@@ -224,12 +263,19 @@ def underfitting(train_steps, train, eval_steps, evals, lr_steps, lr, phase: str
         return None  # improved (or may have: too noisy to say), or rose (instability's business, not underfitting)
     if len(evals) >= 2 and evals[0] > 0 and (evals[0] - np.min(evals)) / evals[0] >= UNDERFIT_EVAL_REL:
         return None  # eval loss did improve
-    eval_part = (f"; eval loss {fmt(evals[0])} -> {fmt(evals[-1])} ({pct(evals[-1], evals[0])})"
-                 if len(evals) >= 2 and evals[0] else "")
-    return Finding("underfitting", "warning", (int(train_steps[0]), int(train_steps[-1])),
-                   f"train loss went from {fmt(start)} to {fmt(end)} ({pct(end, start)}) over steps "
-                   f"{train_steps[0]}-{train_steps[-1]}: less than {UNDERFIT_REL:.0%} improvement{eval_part}",
-                   ADVICE["underfitting"])
+    eval_part = (
+        f"; eval loss {fmt(evals[0])} -> {fmt(evals[-1])} ({pct(evals[-1], evals[0])})"
+        if len(evals) >= 2 and evals[0]
+        else ""
+    )
+    return Finding(
+        "underfitting",
+        "warning",
+        (int(train_steps[0]), int(train_steps[-1])),
+        f"train loss went from {fmt(start)} to {fmt(end)} ({pct(end, start)}) over steps "
+        f"{train_steps[0]}-{train_steps[-1]}: less than {UNDERFIT_REL:.0%} improvement{eval_part}",
+        ADVICE["underfitting"],
+    )
 
 
 def memorization(train_steps, train, eval_steps, evals, threshold: float, epochs: float) -> Finding | None:
@@ -238,31 +284,44 @@ def memorization(train_steps, train, eval_steps, evals, threshold: float, epochs
     if len(train) < MEMO_MIN_POINTS:
         return None
     now, start = float(np.median(train[-MEMO_MIN_POINTS:])), start_level(train)
-    relative = (epochs >= MEMO_MIN_EPOCHS and len(train) >= MEMO_REL_MIN_POINTS and start > 0
-                and now <= MEMO_REL * start)
+    relative = epochs >= MEMO_MIN_EPOCHS and len(train) >= MEMO_REL_MIN_POINTS and start > 0 and now <= MEMO_REL * start
     if now >= threshold and not relative:
         return None
     limit = threshold if now < threshold else MEMO_REL * start
     reasons = ([f"below {fmt(threshold)}"] if now < threshold else []) + (
-        [f"{now / start:.1%} of its start {fmt(start)} after {epochs:.0f} epochs"] if relative else [])
+        [f"{now / start:.1%} of its start {fmt(start)} after {epochs:.0f} epochs"] if relative else []
+    )
     smooth = rolling_median(train, 3)
     above = np.nonzero(smooth >= limit)[0]
     since = min(int(above[-1]) + 1, len(train) - 1) if len(above) else 0
     steps = (int(train_steps[since]), int(train_steps[-1]))
     low = f"train loss {fmt(now)} ({'; '.join(reasons)}) since step {steps[0]}"
     if not len(evals):
-        return Finding("memorization", "warning", steps,
-                       f"{low}, with no eval loss to tell memorization from an easy, deterministic task",
-                       ADVICE["memorization"])
+        return Finding(
+            "memorization",
+            "warning",
+            steps,
+            f"{low}, with no eval loss to tell memorization from an easy, deterministic task",
+            ADVICE["memorization"],
+        )
     eval_now = float(evals[-1])
     if eval_now >= MEMO_EVAL_HIGH_FACTOR * limit:
-        return Finding("memorization", "warning", (steps[0], max(steps[1], int(eval_steps[-1]))),
-                       f"{low} while eval loss is {fmt(eval_now)} at step {eval_steps[-1]}: "
-                       f"training examples are reproduced, held-out ones are not", ADVICE["memorization"])
-    return Finding("memorization", "info", (steps[0], max(steps[1], int(eval_steps[-1]))),
-                   f"{low}, and eval loss is very low too ({fmt(eval_now)} at step {eval_steps[-1]}): "
-                   f"consistent with a deterministic task rather than memorization",
-                   ADVICE["memorization_low_both"])
+        return Finding(
+            "memorization",
+            "warning",
+            (steps[0], max(steps[1], int(eval_steps[-1]))),
+            f"{low} while eval loss is {fmt(eval_now)} at step {eval_steps[-1]}: "
+            f"training examples are reproduced, held-out ones are not",
+            ADVICE["memorization"],
+        )
+    return Finding(
+        "memorization",
+        "info",
+        (steps[0], max(steps[1], int(eval_steps[-1]))),
+        f"{low}, and eval loss is very low too ({fmt(eval_now)} at step {eval_steps[-1]}): "
+        f"consistent with a deterministic task rather than memorization",
+        ADVICE["memorization_low_both"],
+    )
 
 
 def zero_loss(steps: np.ndarray, loss: np.ndarray, grad: np.ndarray) -> Finding | None:
@@ -271,9 +330,14 @@ def zero_loss(steps: np.ndarray, loss: np.ndarray, grad: np.ndarray) -> Finding 
     if len(loss) < ZERO_LOSS_EARLY_LOGS or not zero[:ZERO_LOSS_EARLY_LOGS].all() or zero.mean() < ZERO_LOSS_SHARE:
         return None
     flat_grad = f", grad_norm {fmt(float(np.max(np.abs(grad))))} at most" if len(grad) else ""
-    return Finding("zero_loss", "error", (int(steps[0]), int(steps[-1])),
-                   f"train loss is 0 at {int(zero.sum())} of {len(loss)} logs, from step {steps[0]}{flat_grad}: "
-                   f"nothing is being trained (a masking or label bug), which is not memorization", ADVICE["zero_loss"])
+    return Finding(
+        "zero_loss",
+        "error",
+        (int(steps[0]), int(steps[-1])),
+        f"train loss is 0 at {int(zero.sum())} of {len(loss)} logs, from step {steps[0]}{flat_grad}: "
+        f"nothing is being trained (a masking or label bug), which is not memorization",
+        ADVICE["zero_loss"],
+    )
 
 
 def inconsistent_format(samples) -> Finding | None:
@@ -286,17 +350,27 @@ def inconsistent_format(samples) -> Finding | None:
     # falling: the last evaluations are well below the best earlier one
     best = int(np.argmax(values[:-FORMAT_DROP_POINTS]))
     if all(v <= values[best] - FORMAT_DROP for v in values[-FORMAT_DROP_POINTS:]):
-        return Finding("inconsistent_format", "warning", (shares[best][0], shares[-1][0]),
-                       f"{what} fell from {values[best]:.0%} at step {shares[best][0]} to {values[-1]:.0%} at step {shares[-1][0]}",
-                       ADVICE["inconsistent_format"])
+        return Finding(
+            "inconsistent_format",
+            "warning",
+            (shares[best][0], shares[-1][0]),
+            f"{what} fell from {values[best]:.0%} at step {shares[best][0]} "
+            f"to {values[-1]:.0%} at step {shares[-1][0]}",
+            ADVICE["inconsistent_format"],
+        )
     # unstable: it keeps falling back by large amounts
     window = shares[-FORMAT_WINDOW:]
     drops = [(a, b) for a, b in zip(window, window[1:]) if a[1] - b[1] >= FORMAT_SWING]
     if len(drops) >= FORMAT_SWINGS:
         listed = ", ".join(f"{v:.0%}" for _, v, _ in window)
-        return Finding("inconsistent_format", "warning", (window[0][0], window[-1][0]),
-                       f"{what} is unstable: {listed} over steps {window[0][0]}-{window[-1][0]} "
-                       f"({len(drops)} drops of {FORMAT_SWING:.0%} or more)", ADVICE["inconsistent_format"])
+        return Finding(
+            "inconsistent_format",
+            "warning",
+            (window[0][0], window[-1][0]),
+            f"{what} is unstable: {listed} over steps {window[0][0]}-{window[-1][0]} "
+            f"({len(drops)} drops of {FORMAT_SWING:.0%} or more)",
+            ADVICE["inconsistent_format"],
+        )
     return None
 
 
@@ -308,6 +382,11 @@ def healthy(train_steps, train, eval_steps, evals) -> tuple[Finding | None, str 
     share = f" ({gap / eval_now * 100:+.0f}% of eval loss)" if abs(eval_now) >= 2 * HEALTHY_GAP_ABS else ""
     numbers_ = f"train loss {fmt(train_now)} and eval loss {fmt(eval_now)} at step {eval_step}: gap {gap:+.3g}{share}"
     if gap <= max(HEALTHY_GAP_REL * abs(eval_now), HEALTHY_GAP_ABS):
-        return Finding("healthy", "info", (int(train_steps[0]), int(max(train_steps[-1], eval_steps[-1]))),
-                       f"no warning signs; {numbers_}", ADVICE["healthy"]), None
+        return Finding(
+            "healthy",
+            "info",
+            (int(train_steps[0]), int(max(train_steps[-1], eval_steps[-1]))),
+            f"no warning signs; {numbers_}",
+            ADVICE["healthy"],
+        ), None
     return None, f"no warning signs, but the train/eval gap is not small: {numbers_}"

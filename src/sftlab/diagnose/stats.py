@@ -15,7 +15,9 @@ import math
 
 import numpy as np
 
-START_Z = 3.0  # the first log counts as the start when it is 3 noise scales above the next ones (a sharp drop within it).
+START_Z = (
+    3.0  # the first log counts as the start when it is 3 noise scales above the next ones (a sharp drop within it).
+)
 
 
 def fmt(value: float) -> str:
@@ -42,8 +44,10 @@ def rolling_median(values: np.ndarray, window: int, centered: bool = True) -> np
         if n == 0:
             return np.empty(0)
         return np.nanmedian(np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1), axis=1)
-    return np.array([np.median(values[max(0, i - window + 1):i + 1]) for i in range(min(n, window - 1))]
-                    + list(np.median(np.lib.stride_tricks.sliding_window_view(values, window), axis=1) if n >= window else []))
+    return np.array(
+        [np.median(values[max(0, i - window + 1) : i + 1]) for i in range(min(n, window - 1))]
+        + list(np.median(np.lib.stride_tricks.sliding_window_view(values, window), axis=1) if n >= window else [])
+    )
 
 
 def trailing(values: np.ndarray, window: int, statistic) -> np.ndarray:
@@ -86,7 +90,7 @@ def start_level(values: np.ndarray) -> float:
     k = min(len(values), max(3, min(10, len(values) // 10)))
     head = float(np.median(values[:k]))
     if len(values) > 2:
-        rest = float(np.median(values[1:k + 1]))
+        rest = float(np.median(values[1 : k + 1]))
         if values[0] - rest > START_Z * relative_noise(values) * abs(rest) and values[0] > head:
             return float(values[0])
     return head
@@ -107,7 +111,7 @@ def level_at(steps: np.ndarray, values: np.ndarray, step: int) -> float | None:
     if upto == 0:
         return float(np.median(values[:3]))
     k = max(3, min(50, upto // 10))
-    return float(np.median(values[max(0, upto - k):upto]))
+    return float(np.median(values[max(0, upto - k) : upto]))
 
 
 def log_to_log_noise(values: np.ndarray) -> float:
