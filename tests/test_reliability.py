@@ -25,9 +25,14 @@ import torch
 from conftest import write_config
 from sftlab.config import load_config
 from sftlab.errors import ConfigError, UserError
-from sftlab.monitor import METRICS_FILE, read_jsonl
 from sftlab.rundir import (
-    COMPLETE_MARKER, checkpoint_is_complete, checkpoint_step, discard_incomplete_checkpoints, latest_checkpoint,
+    COMPLETE_MARKER,
+    METRICS_FILE,
+    checkpoint_is_complete,
+    checkpoint_step,
+    discard_incomplete_checkpoints,
+    latest_checkpoint,
+    read_jsonl,
 )
 from sftlab.train import _out_of_memory_as_user_error, train
 

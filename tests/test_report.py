@@ -315,7 +315,7 @@ def test_sftlab_report_on_randomly_corrupted_files_exits_0_or_2_without_a_traceb
             corrupt(run / name, corruption)
         # Drawing the curves costs seconds and reads only the numbers among the metrics (monitor._series);
         # the property is about reading the files, so the plots are left out.
-        with mock.patch("sftlab.monitor.plot_curves", return_value=[]):
+        with mock.patch("sftlab.plots.plot_curves", return_value=[]):
             code, out, err = sftlab_in_process("report", run)
     assert code in (0, 2), (code, out, err)
     assert "Traceback" not in out + err

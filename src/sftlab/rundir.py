@@ -348,3 +348,72 @@ def copy_model_files(checkpoint: str | Path, final_dir: str | Path) -> None:
     if values is not None:  # checkpoints are saved with the KV cache off, for training
         values["use_cache"] = True
         write_atomically(config, json.dumps(values, indent=2))
+
+# =========================================================================== additions (issue 15, monitor stage)
+
+
+def write_bytes_atomically(path: str | Path, data: bytes) -> None:
+    """`write_atomically` for binary files (the plots)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def read_jsonl_checked(path: str | Path) -> tuple[list[dict], str | None]:
+    """(every JSON object of a JSONL file, None), or ([], why it holds none) when it has lines but no object, is
+    not UTF-8 or cannot be read; ([], None) when it does not exist or is empty. A line cut by a kill is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return [], None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return [], "not UTF-8 text"
+    except OSError as error:
+        return [], f"cannot be read ({error.strerror or error})"
+    lines = [line for line in text.splitlines() if line.strip()]
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    if lines and not records:
+        return [], "no JSON object on any line"
+    return records, None
+
+
+def trim_metrics(path: str | Path, last_step: int) -> None:
+    """Drop records logged after `last_step` from metrics.jsonl (at `path`) and the samples next to it, so a
+    resumed run logs each step once.
+
+    The end-of-run summary of the interrupted invocation goes too: the run continues. A line
+    cut by the kill goes too. Each file is replaced in one step, so a kill now loses nothing.
+    """
+    path = Path(path)
+    for file in (path, path.with_name(TRAINING_SAMPLES_FILE)):
+        if file.exists():
+            kept = [record for record in read_jsonl(file)
+                    if record.get("step", 0) <= last_step and "train_runtime" not in record]
+            write_jsonl(file, kept)
+
+
+def record_stop(run_dir: str | Path, reason: str, step: int, evidence: str) -> None:
+    """stopped.json: why training stopped early. The first reason is the one that stopped the run: kept."""
+    from sftlab.contracts import StopRecord
+
+    path = Path(run_dir) / STOPPED_FILE
+    if not path.exists():
+        write_json(path, StopRecord(reason=reason, step=step, evidence=evidence).to_json(), indent=None)
+
+
+def read_stop(run_dir: str | Path) -> dict | None:
+    """stopped.json as written by `record_stop`; None when the run did not stop early or the file is unreadable."""
+    return read_json_object(Path(run_dir) / STOPPED_FILE)

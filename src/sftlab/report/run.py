@@ -298,7 +298,7 @@ def _saved_finding(item) -> Finding | None:
 def _plots(run: Run) -> dict[str, bytes]:
     """The curves as PNG bytes: redrawn from the metrics with the report's diagnosis, else the run's PNGs."""
     if run.records:
-        from sftlab.monitor import plot_curves
+        from sftlab.plots import plot_curves
 
         with tempfile.TemporaryDirectory(prefix="sftlab-report-") as directory:
             written = plot_curves(Path(directory), run.records, run.diagnosis)
