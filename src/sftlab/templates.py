@@ -259,9 +259,11 @@ def template_markers(tokenizer) -> list[str]:
     specials |= {
         token.content for token in added.values() if getattr(token, "special", False) and token.content.strip()
     }
-    sentinels = [f"\uE000sftlab-{index}\uE001" for index in range(4)]
-    conversation = [{"role": role, "content": sentinel}
-                    for role, sentinel in zip(("user", "assistant", "user", "assistant"), sentinels)]
+    sentinels = [f"\ue000sftlab-{index}\ue001" for index in range(4)]
+    conversation = [
+        {"role": role, "content": sentinel}
+        for role, sentinel in zip(("user", "assistant", "user", "assistant"), sentinels)
+    ]
     pieces = set()
     try:
         text = render(tokenizer, conversation) if tokenizer.chat_template else ""
@@ -270,7 +272,7 @@ def template_markers(tokenizer) -> list[str]:
     splitter = re.compile("|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True)) or r"(?!)")
     for first, second in zip(sentinels, sentinels[1:]):
         if first in text and second in text:
-            between = text[text.index(first) + len(first): text.index(second)]
+            between = text[text.index(first) + len(first) : text.index(second)]
             for piece in splitter.split(between):
                 piece = piece.strip()
                 if len(piece) >= 2 and piece.lower().rstrip(":") not in ROLE_NAMES:
