@@ -135,3 +135,14 @@ def test_out_of_memory_in_any_command_is_one_message_and_exit_2(monkeypatch, cap
     monkeypatch.setattr(sftlab.cli, "app", other_error)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         sftlab.cli.main()
+
+
+def test_the_memorization_threshold_of_a_run_is_read_from_its_config_yaml_and_a_corrupt_one_is_not_fatal(tmp_path):
+    from sftlab.cli import _configured_memorization_loss
+    from sftlab.config import MonitorConfig
+
+    (tmp_path / "config.yaml").write_text("monitor:\n  memorization_loss: 0.2\n")
+    assert _configured_memorization_loss(tmp_path) == 0.2
+    for corrupt in ("monitor: [unclosed", "- a list\n", "monitor: 3\n", "monitor:\n  memorization_loss: low\n"):
+        (tmp_path / "config.yaml").write_text(corrupt)
+        assert _configured_memorization_loss(tmp_path) == MonitorConfig().memorization_loss

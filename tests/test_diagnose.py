@@ -660,3 +660,43 @@ def test_eval_loss_nan_while_training_stays_finite_is_reported():
     assert inst.severity == "error" and f"eval_loss is nan at step {evals[-1]['step']}" in inst.evidence
     assert "train loss and grad_norm stay finite" in inst.evidence
     assert inst.advice[0] == ADVICE["eval_non_finite"][0]
+
+
+# --------------------------------------------------------------------------- issue 15: the Diagnosis model
+
+
+def test_diagnosis_json_keeps_its_keys_and_reads_back(tmp_path):
+    from sftlab.diagnose import read_diagnosis, write_diagnosis
+
+    diagnosis = diagnose(trainer_state(overfit=True)["log_history"])
+    assert "overfitting" in diagnosis.codes()
+    write_diagnosis(tmp_path, diagnosis)
+    saved = json.loads((tmp_path / "diagnosis.json").read_text(encoding="utf-8"))
+    assert list(saved) == ["phase", "findings"]
+    assert all(list(item) == ["code", "severity", "steps", "evidence", "advice"] for item in saved["findings"])
+    assert not list(tmp_path.glob("*.tmp"))  # written through rundir's atomic writer
+    back = read_diagnosis(tmp_path)
+    assert back.to_json() == diagnosis.to_json() and back.codes() == diagnosis.codes()
+
+
+@pytest.mark.parametrize("saved", [None, [], "x", {"findings": "x"}, {"phase": 3, "findings": [1, {"steps": [1]}]},
+                                   {"findings": [{"steps": ["a", None], "advice": "x"}]}])
+def test_a_damaged_diagnosis_json_reads_leniently(tmp_path, saved):
+    from sftlab.diagnose import read_diagnosis
+
+    (tmp_path / "diagnosis.json").write_text(json.dumps(saved), encoding="utf-8")
+    diagnosis = read_diagnosis(tmp_path)
+    if not isinstance(saved, dict):
+        assert diagnosis is None
+        return
+    assert isinstance(diagnosis.phase, str)
+    for finding in diagnosis.findings:  # steps that are not two integers read as (0, 0), never raise
+        assert finding.steps == (0, 0) and finding.advice == []
+    assert diagnosis.render().startswith("phase: ")
+
+
+def test_a_finding_is_built_positionally_or_by_name():
+    by_position = Finding("overfitting", "warning", (10, 50), "eval loss rose", ["a"])
+    assert by_position == Finding(code="overfitting", severity="warning", steps=(10, 50), evidence="eval loss rose",
+                                  advice=["a"])
+    assert Finding("x", "info", (np.int64(3), np.int64(4)), "", []).to_json()["steps"] == [3, 4]

@@ -9,7 +9,9 @@ import pytest
 
 from conftest import write_jsonl
 from sftlab.config import FormatSpec, load_config
-from sftlab.monitor import METRICS_FILE, SAMPLES_FILE, follows_format, read_jsonl
+from sftlab.monitor import follows_format
+from sftlab.rundir import METRICS_FILE, read_jsonl
+from sftlab.rundir import TRAINING_SAMPLES_FILE as SAMPLES_FILE
 from sftlab.train import train
 
 
@@ -114,3 +116,57 @@ def test_stop_on_overfitting_stops_early_keeps_the_best_checkpoint_and_says_why(
     final = load_file(result.final_dir / "model.safetensors")
     kept = load_file(result.run_dir / best["checkpoint"] / "model.safetensors")
     assert all((final[name] == kept[name]).all() for name in kept)
+
+
+# --------------------------------------------------------------------------- issue 15: the monitor's files, through rundir
+
+
+def test_stop_records_keep_the_first_reason_and_a_damaged_one_reads_as_none(tmp_path):
+    from sftlab.rundir import STOPPED_FILE, read_stop, record_stop
+
+    assert read_stop(tmp_path) is None
+    record_stop(tmp_path, "overfitting", 8, "eval loss rose")
+    record_stop(tmp_path, "instability", 9, "loss is nan")
+    assert read_stop(tmp_path) == {"reason": "overfitting", "step": 8, "evidence": "eval loss rose"}
+    assert not list(tmp_path.glob("*.tmp"))
+    (tmp_path / STOPPED_FILE).write_text('{"reason": "overf', encoding="utf-8")  # cut by a kill
+    assert read_stop(tmp_path) is None
+
+
+def test_trim_metrics_drops_what_a_resumed_run_logs_again(tmp_path):
+    from sftlab.rundir import trim_metrics
+
+    metrics, samples = tmp_path / METRICS_FILE, tmp_path / SAMPLES_FILE
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (2, 4, 6))
+                       + json.dumps({"step": 4, "train_runtime": 1.0}) + "\n" + '{"step": 8, "lo', encoding="utf-8")
+    samples.write_text(json.dumps({"step": 4, "output": "é"}) + "\n" + json.dumps({"step": 6}) + "\n", encoding="utf-8")
+    trim_metrics(metrics, 4)
+    assert read_jsonl(metrics) == [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 1.0}]
+    assert read_jsonl(samples) == [{"step": 4, "output": "é"}]
+
+
+@pytest.mark.parametrize("text, records, reason", [
+    ('{"a": 1}\n\n{"a": 2', [{"a": 1}], None),  # a last line cut by a kill
+    ("", [], None),
+    ("[1]\nnot json\n", [], "no JSON object on any line"),
+])
+def test_read_jsonl_checked_says_why_a_file_holds_no_record(tmp_path, text, records, reason):
+    from sftlab.rundir import read_jsonl_checked
+
+    (tmp_path / "m.jsonl").write_text(text, encoding="utf-8")
+    assert read_jsonl_checked(tmp_path / "m.jsonl") == (records, reason)
+    (tmp_path / "b.jsonl").write_bytes(b"\xff\xfe")
+    assert read_jsonl_checked(tmp_path / "b.jsonl") == ([], "not UTF-8 text")
+    assert read_jsonl_checked(tmp_path / "missing.jsonl") == ([], None)
+
+
+def test_plots_are_written_whole_with_the_findings_shaded(tmp_path):
+    from sftlab.diagnose import diagnose
+    from sftlab.plots import plot_curves
+
+    records = [{"step": s, "loss": 2.0 / s, "learning_rate": 1e-4, "grad_norm": 1.0} for s in range(1, 30)]
+    records += [{"step": s, "eval_loss": 1.0 + s / 10} for s in (5, 10, 15, 20, 25)]
+    written = plot_curves(tmp_path, records, diagnose(records))
+    assert sorted(path.name for path in written) == ["grad_norm.png", "learning_rate.png", "loss.png"]
+    assert all(path.read_bytes()[:4] == b"\x89PNG" for path in written)
+    assert not list(tmp_path.glob("*.tmp"))

@@ -222,7 +222,7 @@ def test_the_tolerance_separates_bf16_rounding_from_contamination(tiny_opt):
 
 
 def test_auto_on_a_cpu_trains_length_grouped_batches(tiny_config):
-    from sftlab.train import build_sft_config
+    from sftlab.resolve import build_sft_config
 
     cfg = load_config(tiny_config)
     assert cfg.training["packing"] == "auto"
@@ -256,7 +256,7 @@ def test_speed_options_that_cannot_work_here_are_refused_before_the_data_is_prep
 
 
 def test_trl_loss_options_are_checked_against_trls_own_choices(tiny_config):
-    from sftlab.train import build_sft_config
+    from sftlab.resolve import build_sft_config
 
     with pytest.raises(ConfigError, match=r"training.loss_type = 'chunked' is not one of: nll, dft, chunked_nll"):
         load_config(tiny_config, ["training.loss_type=chunked"])

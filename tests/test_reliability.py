@@ -25,11 +25,16 @@ import torch
 from conftest import write_config
 from sftlab.config import load_config
 from sftlab.errors import ConfigError, UserError
-from sftlab.monitor import METRICS_FILE, read_jsonl
-from sftlab.train import (
-    COMPLETE_MARKER, _out_of_memory_as_user_error, checkpoint_is_complete, checkpoint_step,
-    discard_incomplete_checkpoints, latest_checkpoint, train,
+from sftlab.rundir import (
+    COMPLETE_MARKER,
+    METRICS_FILE,
+    checkpoint_is_complete,
+    checkpoint_step,
+    discard_incomplete_checkpoints,
+    latest_checkpoint,
+    read_jsonl,
 )
+from sftlab.train import _out_of_memory_as_user_error, train
 
 SECRETS = {"HF_TOKEN": "hf_sftlabTestSecretTokenDoNotLeak0123", "HUGGING_FACE_HUB_TOKEN": "hf_sftlabOtherSecretToken4567",
            "WANDB_API_KEY": "wandb-sftlab-secret-key-89abcdef"}

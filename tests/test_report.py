@@ -18,12 +18,11 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import chat_rows, write_config, write_jsonl
+from conftest import chat_rows, sftlab_in_process, write_config, write_jsonl
 from sftlab.config import load_config
 from sftlab.errors import UserError
-from sftlab.report import (
-    RUN_INFO_FILE, model_card, read_run, render_html, run_status, write_report, write_run_info,
-)
+from sftlab.report import model_card, read_run, render_html, run_status, write_report, write_run_info
+from sftlab.rundir import RUN_INFO_FILE
 
 SECTIONS = ("## Summary", "## Dataset characteristics", "## Training parameters", "## Results before and after",
             "## Warning signs during training", "## Known limitations", "## How to use", "## Framework versions")
@@ -239,6 +238,93 @@ def test_any_content_in_any_file_gives_a_report_not_a_crash(tmp_path_factory, co
     assert "<script" not in render_html(parsed, card).lower()
 
 
+# The run's files as `sftlab report` finds them, each corrupted (or not) in one of the ways disks, kills and people do.
+CORRUPTIBLE = ("eval/audit.json", "eval/before.json", "eval/prompted.json", "eval/after.json", "eval/verdict.json",
+               RUN_INFO_FILE, "stopped.json", "diagnosis.json", "metrics.jsonl", "best_checkpoint.json", "config.yaml")
+# Text as files can spell it: any character, one beyond the BMP (JSON writes it as a surrogate pair, which YAML
+# reads as two lone surrogates), and a lone surrogate (valid JSON, not encodable as UTF-8).
+TEXT = st.text(max_size=8) | st.sampled_from(["\U0001F600", "a\ud800", "\udfff"])
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats() | TEXT,
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
+                           max_leaves=6)
+CORRUPTIONS = st.one_of(
+    st.tuples(st.just("invalid"), st.text(max_size=30)),  # not JSON (nor YAML) at all, or any text
+    st.tuples(st.just("truncated"), st.floats(0, 1)),  # cut by a kill or a full disk
+    st.tuples(st.just("wrong_type"), JSON_VALUES),  # the whole file another JSON value
+    st.tuples(st.just("wrong_value"), st.integers(0, 10**4), JSON_VALUES),  # one value deep inside replaced
+    st.just(("deleted",)),
+)
+
+
+@pytest.fixture(scope="module")
+def complete_run(tmp_path_factory) -> Path:
+    """A run directory holding every file the report reads, built once from the fixtures above."""
+    run = good_run(tmp_path_factory.mktemp("complete"), steps=20,
+                   stopped={"reason": "overfitting", "step": 18, "evidence": "e"})
+    (run / "eval" / "prompted.json").write_text(json.dumps({**eval_result("prompted", 2.0, 0.5, 3.0),
+                                                            "prompting": {"shots": 3, "system_prompt": "s"}}))
+    verdict = {"verdict": "worked", "headline": "worked: h", "primary": "format", "reasons": ["r"], "caveats": ["c"]}
+    (run / "eval" / "verdict.json").write_text(json.dumps(verdict))
+    (run / "diagnosis.json").write_text(json.dumps({"phase": "converged", "findings": [
+        {"code": "overfitting", "severity": "warning", "steps": [10, 18], "evidence": "e", "advice": ["a"]}]}))
+    (run / "best_checkpoint.json").write_text(json.dumps({"step": 20, "eval_loss": 1.1, "path": "checkpoint-20"}))
+    return run
+
+
+def corrupt(path: Path, corruption: tuple) -> None:
+    kind, *how = corruption
+    text = path.read_text(encoding="utf-8")
+    if kind == "deleted":
+        path.unlink()
+    elif kind == "invalid":
+        path.write_text(how[0], encoding="utf-8")
+    elif kind == "truncated":
+        path.write_text(text[: int(len(text) * how[0])], encoding="utf-8")
+    elif kind == "wrong_type":
+        path.write_text(json.dumps(how[0]), encoding="utf-8")
+    else:  # wrong_value: one dict value or list item, anywhere in the file, replaced
+        jsonl = path.suffix == ".jsonl"
+        value = [json.loads(line) for line in text.splitlines()] if jsonl else yaml.safe_load(text)
+        places = list(_places(value))
+        if places:
+            container, key = places[how[0] % len(places)]
+            container[key] = how[1]
+        path.write_text("".join(json.dumps(line) + "\n" for line in value) if jsonl else json.dumps(value),
+                        encoding="utf-8")
+
+
+def _places(value):
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        yield value, key
+        yield from _places(inner)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.dictionaries(st.sampled_from(CORRUPTIBLE), CORRUPTIONS, min_size=1))
+@example({"eval/audit.json": ("wrong_type", {"\ud800": 1, "splits": {}})})  # a key pydantic refuses (found by it)
+@example({"config.yaml": ("wrong_type", {"training": {"seed": "\U0001F600"}})})  # YAML reads it as two lone surrogates
+def test_sftlab_report_on_randomly_corrupted_files_exits_0_or_2_without_a_traceback(complete_run, corruptions):
+    import shutil
+    import tempfile
+    from unittest import mock
+
+    with tempfile.TemporaryDirectory() as directory:
+        run = Path(shutil.copytree(complete_run, Path(directory) / "run"))
+        for name, corruption in corruptions.items():
+            corrupt(run / name, corruption)
+        # Drawing the curves costs seconds and reads only the numbers among the metrics (monitor._series);
+        # the property is about reading the files, so the plots are left out.
+        with mock.patch("sftlab.plots.plot_curves", return_value=[]):
+            code, out, err = sftlab_in_process("report", run)
+    assert code in (0, 2), (code, out, err)
+    assert "Traceback" not in out + err
+    if code == 0:
+        assert "wrote " in out and out.rstrip().endswith("report.html")
+    else:
+        assert err.startswith("error: "), err
+
+
 # --------------------------------------------------------------------------- incomplete and damaged runs
 
 
@@ -291,7 +377,7 @@ def test_corrupted_files_are_reported_unreadable(tmp_path):
     result = write_report(run)
     assert {item.split(":")[0] for item in result.unreadable} == {"eval/after.json", "eval/audit.json", "config.yaml", "metrics.jsonl"}
     html = result.html.read_text(encoding="utf-8")
-    assert "unreadable</b> eval/after.json: invalid JSON (line 1)" in html
+    assert re.search(r"unreadable</b> eval/after\.json: invalid JSON \([^)]*line 1\)", html)
     assert "(unreadable)" in result.card.read_text(encoding="utf-8")
 
 

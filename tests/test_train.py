@@ -5,7 +5,8 @@ import pytest
 from sftlab.config import load_config
 from sftlab.errors import UserError
 from sftlab.monitor import METRICS_FILE, read_jsonl
-from sftlab.train import CONFIG_FILE, FINAL_DIR, train
+from sftlab.rundir import CONFIG_FILE, FINAL_DIR
+from sftlab.train import train
 
 
 def test_train_writes_a_complete_run_directory(tiny_config):
@@ -84,7 +85,7 @@ def test_resume_skips_a_checkpoint_that_was_not_completely_written(tiny_config):
     # As if killed mid-save: before the Trainer wrote trainer_state.json (its last file) and the marker.
     (cfg.output_dir / "checkpoint-6" / "sftlab-complete.json").unlink()
     (cfg.output_dir / "checkpoint-6" / "trainer_state.json").unlink()
-    from sftlab.train import latest_checkpoint
+    from sftlab.rundir import latest_checkpoint
 
     assert latest_checkpoint(cfg.output_dir).name == "checkpoint-3"
     resumed = train(cfg, resume=True)
@@ -111,7 +112,7 @@ def test_the_best_checkpoint_by_eval_loss_survives_rotation_and_is_recorded(tiny
 def test_the_plan_counts_steps_epochs_and_checkpoints(tiny_config, capsys):
     from rich.console import Console
 
-    from sftlab.train import training_plan
+    from sftlab.resolve import training_plan  # noqa: F401
 
     console = Console(file=__import__("io").StringIO(), width=300)
     result = train(load_config(tiny_config, ["training.packing=false"]), console=console)
@@ -132,24 +133,38 @@ def _batch(cfg) -> tuple[int, int]:
 
 def test_a_cpu_splits_the_default_batch_only_when_its_activations_outgrow_the_training_state(tmp_path, tiny_model,
                                                                                          monkeypatch):
-    import sftlab.train
+    import sftlab.resolve
     from sftlab.config import ModelConfig
     from sftlab.model import load_model
 
-    monkeypatch.setattr(sftlab.train, "has_accelerator", lambda: False)
+    monkeypatch.setattr(sftlab.resolve, "has_accelerator", lambda: False)
     model = load_model(ModelConfig(name_or_path=str(tiny_model)))
     cfg = _default_batch_config(tmp_path)
     # The tiny model's activations are far below the 1 GiB floor: the batch stays wide.
-    assert _batch(sftlab.train.fit_batch_to_memory(cfg, model)) == (4, 1)
+    assert _batch(sftlab.resolve.fit_batch_to_memory(cfg, model)) == (4, 1)
     # Without the floor they outgrow its few hundred kB of weights and optimizer state: one at a
     # time, accumulated to the same 4 conversations per optimizer step.
-    monkeypatch.setattr(sftlab.train, "ACTIVATION_MEMORY_FLOOR", 0)
-    fitted = sftlab.train.fit_batch_to_memory(cfg, model)
+    monkeypatch.setattr(sftlab.resolve, "ACTIVATION_MEMORY_FLOOR", 0)
+    fitted = sftlab.resolve.fit_batch_to_memory(cfg, model)
     assert _batch(fitted) == (1, 4) and "gradient_accumulation_steps: 4" in fitted.to_yaml()
     # A batch the user chose, activation checkpointing, or an accelerator: left as set.
-    assert _batch(sftlab.train.fit_batch_to_memory(_default_batch_config(tmp_path, "  per_device_train_batch_size: 4\n"),
+    assert _batch(sftlab.resolve.fit_batch_to_memory(_default_batch_config(tmp_path, "  per_device_train_batch_size: 4\n"),
                                                    model)) == (4, 1)
-    assert _batch(sftlab.train.fit_batch_to_memory(_default_batch_config(tmp_path, "  gradient_checkpointing: true\n"),
+    assert _batch(sftlab.resolve.fit_batch_to_memory(_default_batch_config(tmp_path, "  gradient_checkpointing: true\n"),
                                                    model)) == (4, 1)
-    monkeypatch.setattr(sftlab.train, "has_accelerator", lambda: True)
-    assert _batch(sftlab.train.fit_batch_to_memory(cfg, model)) == (4, 1)
+    monkeypatch.setattr(sftlab.resolve, "has_accelerator", lambda: True)
+    assert _batch(sftlab.resolve.fit_batch_to_memory(cfg, model)) == (4, 1)
+
+
+def test_run_info_records_the_sft_config_as_trl_received_it(tiny_config, tmp_path):
+    from sftlab.resolve import build_sft_config, write_run_info
+
+    args = build_sft_config(load_config(tiny_config, ["training.seed=7"]), has_eval=True)
+    info = json.loads(write_run_info(tmp_path, args, {"steps": 6}).read_text(), parse_constant=pytest.fail)
+    recorded = info["sft_config"]
+    # What sftlab decided for this machine, as SFTConfig holds it: length-grouped batches (no packing
+    # on a CPU), no activation checkpointing, the user's seed; what equals TRL's own default is left out.
+    assert recorded["train_sampling_strategy"] == "group_by_length" and args.packing is False
+    assert recorded["activation_checkpointing"] is False and recorded["use_cpu"] is True and recorded["seed"] == 7
+    assert recorded["max_steps"] == 6 and "packing" not in recorded and "num_train_epochs" not in recorded
+    assert recorded["bf16"] is args.bf16 and "hub_token" not in recorded

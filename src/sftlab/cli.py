@@ -62,7 +62,9 @@ def check(
     audit = run_check(load_config(config, set_ or []))
     _print_audit(audit)
     if json_out:
-        json_out.write_text(json.dumps(audit, indent=2), encoding="utf-8")
+        from sftlab.rundir import write_atomically
+
+        write_atomically(json_out, json.dumps(audit, indent=2))
     raise typer.Exit(0 if audit["ok"] else 2)
 
 
@@ -91,7 +93,7 @@ def demo(
     """The whole pipeline on the embedded SmolLM2-135M-Instruct and a shipped task, offline:
     check, baseline evaluation, training, evaluation, report."""
     from sftlab.demo import DEMO_CONFIG, run_demo
-    from sftlab.report import REPORT_FILE
+    from sftlab.rundir import REPORT_FILE
 
     print(f"sftlab demo: teach the embedded SmolLM2-135M-Instruct the house person record, strict JSON ({DEMO_CONFIG})")
     result = run_demo(output, overrides=set_ or [], overwrite=overwrite, show_audit=_print_audit)
@@ -154,14 +156,15 @@ def eval_(
     if run_dir is None and config is None:
         raise UserError("nothing to evaluate" if model is None else "--model needs --config: the eval data comes from a config",
                         hint="`sftlab eval RUN_DIR` or `sftlab eval --model PATH_OR_ID --config CONFIG`")
-    from sftlab.evaluate import AFTER_FILE, EVAL_DIR, evaluate_model_path, evaluate_run
+    from sftlab.evaluate import evaluate_model_path, evaluate_run
+    from sftlab.rundir import AFTER_FILE, EVAL_DIR, EVAL_SAMPLES_FILE, VERDICT_FILE
 
     if run_dir is not None:
         result = evaluate_run(run_dir, baseline=baseline, overrides=set_ or [])
         from sftlab.report import write_report  # the report shows the evaluation: rebuild it
 
         report = write_report(run_dir)
-        print(f"wrote {run_dir / EVAL_DIR}/ ({AFTER_FILE}, samples.jsonl, verdict.json) and {report.html}")
+        print(f"wrote {run_dir / EVAL_DIR}/ ({AFTER_FILE}, {EVAL_SAMPLES_FILE}, {VERDICT_FILE}) and {report.html}")
     else:
         result = evaluate_model_path(model, config, baseline=bool(baseline), output=output, overrides=set_ or [])
         if output is not None:
@@ -236,26 +239,23 @@ def export(
 
 
 def _configured_memorization_loss(path: Path) -> float:
-    """A run directory's own threshold, when it has a resolved config."""
-    from sftlab.config import CONFIG_FILE, MonitorConfig
+    """A run directory's own threshold, when it has a resolved config; else the config's default."""
+    from sftlab.config import MonitorConfig
+    from sftlab.rundir import CONFIG_FILE, read_yaml_checked
 
-    config = path / CONFIG_FILE if path.is_dir() else None
-    if config is not None and config.exists():
-        import yaml
-
-        monitor = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("monitor") or {}
-        if isinstance(monitor.get("memorization_loss"), (int, float)):
-            return float(monitor["memorization_loss"])
+    config = read_yaml_checked(path / CONFIG_FILE)[0] if path.is_dir() else None
+    monitor = (config or {}).get("monitor")
+    threshold = monitor.get("memorization_loss") if isinstance(monitor, dict) else None
+    if isinstance(threshold, (int, float)):
+        return float(threshold)
     return MonitorConfig().memorization_loss
 
 
 def _read_verdict(run_dir: Path) -> str | None:
-    from sftlab.evaluate import EVAL_DIR, VERDICT_FILE
+    from sftlab.rundir import VERDICT_FILE, eval_file, read_json_object
 
-    try:
-        return json.loads((run_dir / EVAL_DIR / VERDICT_FILE).read_text(encoding="utf-8"))["headline"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    headline = (read_json_object(eval_file(run_dir, VERDICT_FILE)) or {}).get("headline")
+    return headline if isinstance(headline, str) else None
 
 
 def _print_result(result) -> None:

@@ -1,18 +1,19 @@
-"""Config: one YAML file, validated up front, resolved once, written into the run directory.
+"""Config: one YAML file, validated up front before anything heavy is loaded.
 
 The file has six sections: `model`, `data`, `training`, `lora` (optional), `eval` and
-`monitor`. `training` takes TRL's `SFTConfig` field names unchanged and passes them
-through, so TRL users need nothing new; sftlab only fills in defaults that follow the
-course chapter (1-3 epochs, small batches, a conservative learning rate, warmup) and the
-hardware (fp32 on CPU, bf16 on GPUs that support it).
+`monitor` (the typed sections are in config_sections.py). `training` takes TRL's
+`SFTConfig` field names unchanged and passes them through, so TRL users need nothing new;
+the defaults sftlab fills in follow the course chapter (1-3 epochs, small batches, a
+conservative learning rate, warmup) and are stated here, in TRAINING_DEFAULTS and the
+sections' fields. What they resolve to on this machine (the batch split, packing,
+precision, activation checkpointing) is decided in one place, resolve.py.
 
 Trade-offs:
-- Validation happens before anything heavy is loaded. An unknown key anywhere is an
-  error naming the key, its line in the file and the closest valid key: a misspelt
-  `learning_rat` silently ignored would cost a whole run.
+- An unknown key anywhere is an error naming the key, its line in the file and the
+  closest valid key: a misspelt `learning_rat` silently ignored would cost a whole run.
 - `training` values are type-checked against `SFTConfig`'s own annotations and lists of
   choices (`loss_type`, `packing_strategy`...), and cross-field rules are left to
-  `SFTConfig` itself (see `train.build_sft_config`), so sftlab never disagrees with TRL
+  `SFTConfig` itself (see `resolve.build_sft_config`), so sftlab never disagrees with TRL
   about what is valid.
 - transformers 5 folded `warmup_ratio` into a fractional `warmup_steps`; the chapter and
   most recipes still say `warmup_ratio`, so sftlab accepts it and translates it.
@@ -24,19 +25,28 @@ import dataclasses
 import difflib
 import functools
 import math
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, model_validator,
+from pydantic import Field, PrivateAttr, TypeAdapter, ValidationError, field_validator
+
+from sftlab.config_sections import (  # re-exported: every section is imported from sftlab.config
+    BUILTIN_PRIMARY_METRICS, EMBEDDED_MODEL, FINDING_CODES, METRIC_NAME, DataConfig, DataSources, EvalConfig,
+    FormatSpec, LoraConfig, MetricSpec, ModelConfig, MonitorConfig, PromptedBaselineConfig, SourceConfig,
+    WarnThresholds, _Section,
 )
-
 from sftlab.errors import ConfigError
+from sftlab.rundir import CONFIG_FILE  # re-exported: the resolved config, written into each run directory
 
-EMBEDDED_MODEL = "smollm2-135m-instruct"
-CONFIG_FILE = "config.yaml"  # the resolved config, written into each run directory
+__all__ = [
+    "BATCH_DEFAULTS", "BUILTIN_PRIMARY_METRICS", "CONFIG_FILE", "EMBEDDED_MODEL", "FINDING_CODES", "LORA_LEARNING_RATE",
+    "METRIC_NAME", "TRAINING_DEFAULTS", "DataConfig", "DataSources", "EvalConfig", "FormatSpec", "LoraConfig",
+    "MetricSpec", "ModelConfig", "MonitorConfig", "PromptedBaselineConfig", "SftlabConfig", "SourceConfig",
+    "WarnThresholds", "apply_override", "cache_root", "load_config", "resolve_defaults", "set_by_dotted_key",
+    "settings_needing_eval_data", "sft_config_fields", "starter_config_text", "validate_config",
+    "write_starter_config",
+]
 
 
 def cache_root() -> Path | None:
@@ -46,227 +56,8 @@ def cache_root() -> Path | None:
 
     if os.environ.get("SFTLAB_NO_CACHE"):
         return None
-    return Path(os.environ.get("SFTLAB_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "sftlab"))
-
-
-class _Section(BaseModel):
-    # Unknown keys are errors: a typo must never be silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(_Section):
-    name_or_path: str = Field(
-        EMBEDDED_MODEL,
-        description="Hub id, local directory, or 'smollm2-135m-instruct' (the embedded default, no network).",
-    )
-    gguf_file: str | None = Field(None, description="GGUF file inside name_or_path (or a path to one).")
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bfloat16 on GPUs that support it, float32 otherwise."
-    )
-    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you turn it on.")
-    attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2, ... (None: transformers' choice)")
-
-
-class SourceConfig(_Section):
-    path: str = Field(description="File, directory written by save_to_disk, or hub dataset id.")
-    name: str | None = Field(None, description="Hub dataset config name (e.g. 'all' for HuggingFaceTB/smoltalk).")
-    split: str | None = Field(None, description="Split to read; by default 'train', with the dataset's test split as eval.")
-    weight: float | None = Field(None, gt=0, description="Rows drawn per row of this source: 0.5 a seeded half, 2 every row twice.")
-    fraction: float | None = Field(None, gt=0, le=1, description="Share of this source's rows to use (a seeded sample).")
-
-    @model_validator(mode="after")
-    def _one_of_weight_and_fraction(self):
-        if self.weight is not None and self.fraction is not None:
-            raise ValueError(f"source {self.path}: give weight or fraction, not both")
-        if self.fraction is not None:
-            self.__dict__["weight"], self.__dict__["fraction"] = self.fraction, None
-        return self
-
-
-class WarnThresholds(_Section):
-    """`sftlab check` warns (and training still goes ahead) past these."""
-
-    duplicate_share: float = Field(0.01, ge=0, description="Duplicates removed, as a share of all rows.")
-    dropped_share: float = Field(0.0, ge=0, description="Bad rows skipped (on_error: skip), as a share of all rows.")
-    truncated_share: float = Field(0.01, ge=0, description="Examples longer than training.max_length.")
-    trained_token_share_below: float = Field(0.02, ge=0, le=1, description="Share of tokens that are trained.")
-    leakage_rows: int = Field(0, ge=0, description="Training rows also found in eval.")
-
-
-DataSources = str | SourceConfig | list[str | SourceConfig]
-
-
-class DataConfig(_Section):
-    train: DataSources = Field(description="Training data: a path, a hub id, or a list of sources.")
-    eval: DataSources | None = Field(None, description="Held-out data. Without it, eval_split carves one out.")
-    eval_split: float = Field(0.05, ge=0, lt=1, description="Share of train held out for eval when `eval` is not set.")
-    format: Literal["messages", "sharegpt", "alpaca", "prompt_completion", "template", "text"] | None = Field(
-        None, description="Detected from the columns when not set."
-    )
-    template: str | None = Field(None, description='Formatting template, e.g. "### Question: {question}\\n### Answer: {answer}".')
-    on_error: Literal["fail", "skip"] = Field("fail", description="fail: stop at the first bad row; skip: count and drop it.")
-    dedup: bool = Field(True, description="Drop exact and near-exact duplicates (same text up to case, spacing, punctuation).")
-    max_example_chars: int = Field(1_000_000, gt=0, description="Rows with more text than this are bad rows.")
-    warn_if: WarnThresholds = Field(default_factory=WarnThresholds)
-
-
-class LoraConfig(_Section):
-    r: int = Field(16, gt=0)
-    lora_alpha: int = Field(32, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
-    bias: Literal["none", "all", "lora_only"] = "none"
-    modules_to_save: list[str] | None = None
-
-
-class FormatSpec(_Section):
-    """The output format responses must follow, checked on generations (`eval.format`)."""
-
-    type: Literal["regex", "json", "json_schema", "prefix", "contains"]
-    pattern: str | None = Field(None, description="regex: the whole response must match it (re.fullmatch, DOTALL).")
-    schema_: dict | None = Field(None, alias="schema", description="json_schema: the JSON Schema the response must satisfy.")
-    text: str | None = Field(None, description="prefix / contains: the text the response must start with / contain.")
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
-
-    @model_validator(mode="after")
-    def _has_what_its_type_needs(self):
-        needs = {"regex": "pattern", "json_schema": "schema", "prefix": "text", "contains": "text"}.get(self.type)
-        value = {"pattern": self.pattern, "schema": self.schema_, "text": self.text}.get(needs) if needs else True
-        if value is None:
-            raise ValueError(f"eval.format type {self.type!r} needs `{needs}`")
-        if self.type == "regex":
-            try:
-                re.compile(self.pattern)
-            except re.error as exc:
-                raise ValueError(f"eval.format pattern is not a valid regex: {exc}") from None
-        return self
-
-
-class PromptedBaselineConfig(_Section):
-    """The base model prompted as well as sftlab can without training: the chapter's first question
-    ("would an instruction-tuned model with well-crafted prompts suffice?"), measured."""
-
-    shots: int = Field(3, ge=0, le=32, description="Training examples put before each held-out prompt as earlier turns.")
-    system_prompt: str | None = Field(None, description="A system message for the prompted base model (none by default).")
-
-    @model_validator(mode="after")
-    def _prompts_something(self):
-        if self.shots == 0 and not self.system_prompt:
-            raise ValueError("eval.prompted_baseline with shots: 0 and no system_prompt is the base model itself; "
-                             "set shots, a system_prompt, or prompted_baseline: false")
-        return self
-
-
-# The built-in metrics a verdict can rest on (eval.primary), as named in before/after.json.
-BUILTIN_PRIMARY_METRICS = ("format", "chat", "exact_match", "rougeL")
-METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
-
-
-class MetricSpec(_Section):
-    """A metric of the user's own: `score(answer, reference, prompt)` -> a number in [0, 1] (a bool counts as 0/1)."""
-
-    name: str = Field(description="How the metric is named in the eval files, the table and the verdict.")
-    function: str = Field(description='"path/to/file.py:score": a Python file (relative to the working directory, '
-                          "else to the config file) and the function in it.")
-
-    @field_validator("name")
-    @classmethod
-    def _a_plain_name(cls, name: str) -> str:
-        if not METRIC_NAME.match(name):
-            raise ValueError(f"eval.metrics name {name!r} must be letters, digits, _ or - (starting with a letter)")
-        if name in BUILTIN_PRIMARY_METRICS:
-            raise ValueError(f"eval.metrics name {name!r} is a built-in metric; choose another name")
-        return name
-
-    @field_validator("function")
-    @classmethod
-    def _file_and_function(cls, function: str) -> str:
-        path, _, attribute = function.rpartition(":")
-        if not path.endswith(".py") or not attribute.isidentifier():
-            raise ValueError(f'eval.metrics function {function!r} must look like "path/to/file.py:score"')
-        return function
-
-    @property
-    def path(self) -> Path:
-        return Path(self.function.rpartition(":")[0]).expanduser()
-
-    @property
-    def attribute(self) -> str:
-        return self.function.rpartition(":")[2]
-
-
-class EvalConfig(_Section):
-    """Evaluation of the base and the tuned model on the held-out data (evaluate.py, `sftlab eval`)."""
-
-    baseline: bool = Field(True, description="Evaluate the base model before training, for a before/after comparison.")
-    num_prompts: int = Field(100, gt=0, description="Held-out prompts answered by each model (the first N of the eval data).")
-    max_new_tokens: int = Field(64, gt=0, description="Longest answer generated; an answer not ended by then does not count as ended.")
-    format: FormatSpec | None = Field(None, description="The format responses must follow: regex, json, json_schema, prefix, contains.")
-    do_sample: bool = Field(False, description="Sample answers (seeded with training.seed) instead of greedy decoding.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (with do_sample).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling share (with do_sample).")
-    generation_batch_size: int = Field(32, gt=0, description="Prompts generated together (left-padded, sorted by length; 32 measured fastest on 2 CPU cores, bench/results/eval_generation.txt).")
-    retention: str | bool | None = Field(
-        None, description="General data whose loss before and after shows what the fine-tune cost elsewhere: a data path "
-        "in any format data.train takes; null (or true): the small general set shipped with sftlab; false: off.",
-    )
-    show_samples: int = Field(3, ge=0, description="Held-out answers printed side by side (prompt, reference, base, tuned).")
-    prompted_baseline: PromptedBaselineConfig | Literal[False] = Field(
-        default_factory=PromptedBaselineConfig,
-        description="The base model with `shots` training examples (and system_prompt) before each prompt, evaluated "
-        "like the others: does prompting already do what the fine-tune does? false: off.",
-    )
-    metrics: list[MetricSpec] = Field(default_factory=list, description="Metrics of your own, computed for every model.")
-    primary: str | None = Field(
-        None, description="The metric the verdict rests on: a name from eval.metrics, or format, chat, exact_match, "
-        "rougeL. Default: the first of eval.metrics, else format when eval.format is set, else rougeL.",
-    )
-
-    @field_validator("retention")
-    @classmethod
-    def _true_means_the_shipped_set(cls, value):
-        return None if value is True else value
-
-    @field_validator("prompted_baseline", mode="before")
-    @classmethod
-    def _true_means_the_defaults(cls, value):
-        return {} if value is True or value is None else value
-
-    @model_validator(mode="after")
-    def _primary_is_measured(self):
-        names = [metric.name for metric in self.metrics]
-        if len(set(names)) < len(names):
-            raise ValueError(f"eval.metrics names a metric twice: {sorted({n for n in names if names.count(n) > 1})}")
-        if self.primary is not None and self.primary not in (*BUILTIN_PRIMARY_METRICS, *names):
-            raise ValueError(f"eval.primary {self.primary!r} is not a metric: choose one of "
-                             f"{', '.join([*names, *BUILTIN_PRIMARY_METRICS])}")
-        if self.primary == "format" and self.format is None:
-            raise ValueError("eval.primary: format needs eval.format (the format answers must follow)")
-        return self
-
-    @property
-    def primary_metric(self) -> str:
-        """eval.primary, or its default: the user's first metric, else format adherence, else ROUGE-L."""
-        if self.primary:
-            return self.primary
-        if self.metrics:
-            return self.metrics[0].name
-        return "format" if self.format is not None else "rougeL"
-
-
-FINDING_CODES = ("overfitting", "underfitting", "memorization", "instability", "inconsistent_format", "zero_loss")
-
-
-class MonitorConfig(_Section):
-    plots: bool = Field(True, description="PNG plots of the curves in the run directory, refreshed at each evaluation.")
-    stop_on: list[Literal[FINDING_CODES]] = Field(
-        default_factory=list, description="Findings that stop training early (the best checkpoint is kept). NaN always stops."
-    )
-    sample_prompts: int = Field(4, ge=0, description="Held-out prompts answered at each evaluation, to watch the outputs.")
-    sample_max_new_tokens: int = Field(48, gt=0)
-    memorization_loss: float = Field(0.05, gt=0, description="Train loss below this counts as extremely low.")
+    cache_home = os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
+    return Path(os.environ.get("SFTLAB_CACHE_DIR") or os.path.join(cache_home, "sftlab"))
 
 
 # SFTConfig keys that sftlab owns in another section, with where they belong instead.
@@ -304,7 +95,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 }
 # The chapter's batch: 4 conversations per optimizer step. Left unset, it may go through the
 # model in smaller micro-batches with gradient accumulation where memory asks for it (see
-# train.fit_batch_to_memory); set either key and both are used as given.
+# resolve.fit_batch_to_memory); set either key and both are used as given.
 BATCH_DEFAULTS: dict[str, int] = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}
 # LoRA trains far fewer parameters and wants a larger step (peft's and TRL's examples).
 LORA_LEARNING_RATE = 2e-4
@@ -380,6 +171,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> SftlabConfig:
             apply_override(raw, override)
     _refuse_unrepresentable(raw, (), source=str(path), lines=lines)
     cfg = validate_config(raw, source=str(path), lines=lines)
+    from sftlab.resolve import resolve_defaults  # the resolver reads this module's defaults: imported late
+
     return resolve_defaults(_with_metric_files_found(cfg, path.parent), config_path=path)
 
 
@@ -405,68 +198,6 @@ def validate_config(raw: Any, source: str = "<config>", lines: dict[tuple, int] 
         return SftlabConfig.model_validate(raw)
     except ValidationError as exc:
         raise _config_error_from(exc, source, lines or {}) from None
-
-
-def resolve_defaults(cfg: SftlabConfig, config_path: Path | None = None) -> SftlabConfig:
-    """Fill in sftlab's defaults for every training key the user left out."""
-    training = dict(TRAINING_DEFAULTS)
-    if cfg.lora is not None:
-        training["learning_rate"] = LORA_LEARNING_RATE
-    training["output_dir"] = str(Path("runs") / (config_path.stem if config_path else "sft"))
-    training.update(BATCH_DEFAULTS)
-    training.update(cfg.training)
-    if "warmup_steps" in cfg.training and "warmup_ratio" not in cfg.training:
-        training.pop("warmup_ratio")
-    if cfg.data.eval is None and cfg.data.eval_split == 0:
-        training.setdefault("eval_strategy", "no")
-    training.setdefault("eval_strategy", "steps")
-    training.setdefault("save_strategy", "steps")
-    refuse_inconsistent_training(cfg, training)
-    resolved = cfg.model_copy(update={"training": training})
-    resolved._batch_is_default = not (BATCH_DEFAULTS.keys() & cfg.training.keys())
-    return resolved
-
-
-def settings_needing_eval_data(cfg: SftlabConfig, training: dict[str, Any]) -> list[str]:
-    """The settings that only work with evaluation, named as the config spells them."""
-    wanted = [f"training.{key}" for key in ("load_best_model_at_end", "metric_for_best_model") if training.get(key)]
-    if "overfitting" in cfg.monitor.stop_on:
-        wanted.append("monitor.stop_on: overfitting")
-    return wanted
-
-
-def refuse_inconsistent_training(cfg: SftlabConfig, training: dict[str, Any]) -> None:
-    """Settings that would fail only after the data is prepared, or silently do nothing.
-
-    Checked up front, with the keys and the fix named: TRL refuses some of these too, but
-    only once it is built, after the data preparation.
-    """
-    output_dir = training.get("output_dir")
-    if not isinstance(output_dir, str) or not output_dir.strip():
-        raise ConfigError(f"training.output_dir must name a directory (got {output_dir!r})",
-                          hint="for example output_dir: runs/my-run")
-    if cfg.data.eval is None and cfg.data.eval_split == 0:
-        wanted = settings_needing_eval_data(cfg, training)
-        if cfg.training.get("eval_strategy", "no") != "no":  # asked for by the user, not a default
-            wanted.append(f"training.eval_strategy: {cfg.training['eval_strategy']}")
-        if wanted:
-            raise ConfigError(f"{', '.join(wanted)} needs eval data, but data.eval is not set and data.eval_split is 0",
-                              hint="set data.eval, or data.eval_split (e.g. 0.05), or remove " + ", ".join(wanted))
-    eval_strategy, save_strategy = training.get("eval_strategy"), training.get("save_strategy")
-    if training.get("load_best_model_at_end") and save_strategy != "best":
-        if eval_strategy != save_strategy:
-            raise ConfigError(
-                f"training.load_best_model_at_end needs eval_strategy and save_strategy to match "
-                f"(eval_strategy is {eval_strategy!r}, save_strategy is {save_strategy!r})",
-                hint="set both to steps (or both to epoch), or save_strategy: best")
-        save_steps = training.get("save_steps")
-        eval_steps = training.get("eval_steps") or training.get("logging_steps")
-        if eval_strategy == "steps" and isinstance(save_steps, (int, float)) and isinstance(eval_steps, (int, float)) \
-                and save_steps >= 1 and eval_steps >= 1 and save_steps % eval_steps:
-            raise ConfigError(
-                f"training.load_best_model_at_end needs save_steps ({save_steps:g}) to be a multiple of eval_steps "
-                f"({eval_steps:g}): the best model can only be one that was both evaluated and saved",
-                hint=f"for example save_steps: {eval_steps * max(1, round(save_steps / eval_steps)):g}")
 
 
 def set_by_dotted_key(raw: dict, dotted: str, value: Any) -> None:
@@ -641,3 +372,12 @@ def write_starter_config(path: Path, force: bool = False) -> None:
         raise ConfigError(f"{path} already exists", hint="pass --force to replace it, or give another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(starter_config_text(), encoding="utf-8")
+
+
+def __getattr__(name: str):
+    """Names that moved to the resolver, still importable from here (`from sftlab.config import resolve_defaults`)."""
+    if name in ("resolve_defaults", "settings_needing_eval_data", "refuse_inconsistent_training"):
+        import sftlab.resolve
+
+        return getattr(sftlab.resolve, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

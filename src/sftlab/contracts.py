@@ -76,7 +76,12 @@ class Record(BaseModel):
             return value
         if not isinstance(value, dict):
             return None
-        return cls.model_validate(value)
+        try:
+            return cls.model_validate(value)
+        except ValidationError:
+            # Only keys the model does not know can still fail: JSON can spell a key no Python text is (a lone
+            # surrogate, "\ud800"); the fields' own values are absorbed by their defaults.
+            return cls.model_validate({key: item for key, item in value.items() if key in cls.model_fields})
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json")
@@ -192,7 +197,7 @@ class Audit(Record):
 
 
 class Plan(Record):
-    """What a run will do, from the trainer's own numbers (train.training_plan)."""
+    """What a run will do, from the trainer's own numbers (resolve.training_plan)."""
 
     examples: Int = None
     rows: Int = None  # packed rows when packing, else examples

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from sftlab.config import SftlabConfig, apply_override, resolve_defaults, set_by_dotted_key, validate_config
+from sftlab.config import SftlabConfig, apply_override, set_by_dotted_key, validate_config
+from sftlab.resolve import resolve_defaults
 from sftlab.train import TrainResult, check, train
 
 DEMO_DIR = Path(__file__).parent / "demo_data"

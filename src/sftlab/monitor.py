@@ -9,12 +9,14 @@ TrainerCallbacks, added to SFTTrainer like any other:
 - `OutputSampler` answers a few fixed held-out prompts at each evaluation (greedy,
   short) and records whether each answer ends with the end-of-turn token and follows
   `eval.format`: the chapter warns that a good loss can hide bad outputs.
-- `LiveDiagnosis` runs the diagnosis (diagnose.py) at each evaluation, prints new
-  findings, refreshes the plots, and stops the run on the findings in `monitor.stop_on`.
+- `LiveDiagnosis` runs the diagnosis (diagnose/) at each evaluation, prints new
+  findings, refreshes the plots (plots.py), and stops the run on the findings in
+  `monitor.stop_on`.
 - `NonFiniteGuard` stops the run at the first step whose loss or weights are NaN or
   infinite, before anything non-finite is saved.
 
-Only the main process writes, so several processes (accelerate launch) log once.
+Only the main process writes, so several processes (accelerate launch) log once. Every
+file goes through rundir.py: its names, appends for the JSONL logs, atomic writes for the rest.
 
 Trade-offs: sampling costs a few seconds per evaluation on a CPU (4 prompts x 48 tokens
 by default); `monitor.sample_prompts: 0` turns it off. The non-finite check looks at one
@@ -23,9 +25,7 @@ small trained tensor per step: a NaN update reaches every weight, so one is enou
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,12 +33,23 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from sftlab.config import FormatSpec, MonitorConfig
-from sftlab.diagnose import METRICS_FILE, SAMPLES_FILE, Diagnosis, diagnose, read_history
+from sftlab.diagnose import Diagnosis, diagnose, read_history, write_diagnosis
 from sftlab.generation import follows_format, generate, generation_prompts, stop_token_ids
+from sftlab.plots import plot_curves
+from sftlab.rundir import (
+    DIAGNOSIS_FILE, METRICS_FILE, STOPPED_FILE, append_jsonl, read_jsonl, read_stop, record_stop, trim_metrics,
+    write_atomically,
+)
+from sftlab.rundir import PLOT_FILES as PLOTS
+from sftlab.rundir import TRAINING_SAMPLES_FILE as SAMPLES_FILE
 
-DIAGNOSIS_FILE = "diagnosis.json"
-STOPPED_FILE = "stopped.json"
-PLOTS = {"loss": "loss.png", "learning_rate": "learning_rate.png", "grad_norm": "grad_norm.png"}
+# The callbacks and generation helpers; then, from DIAGNOSIS_FILE on, names other stages still import from here
+# (report, train, evaluate, export), which live in rundir.py and plots.py now.
+__all__ = ["MetricsLogger", "ProgressBar", "OutputSampler", "LiveDiagnosis", "LiveReport", "NonFiniteGuard",
+           "follows_format", "generation_prompts", "generate", "stop_token_ids", "is_non_finite",
+           "DIAGNOSIS_FILE", "METRICS_FILE", "PLOTS", "SAMPLES_FILE", "STOPPED_FILE", "plot_curves", "read_jsonl",
+           "read_stop", "record_stop", "trim_metrics", "write_atomically"]
+
 LINE_METRICS = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second", "train_loss", "epoch")
 
 
@@ -65,41 +76,7 @@ class MetricsLogger(TrainerCallback):
                 record["tokens_per_second"] = round((tokens - self.last[1]) / (now - self.last[0]), 1)
             if tokens is not None:
                 self.last = (now, tokens)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Every record of a JSONL file; a last line cut by a kill is skipped."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a kill leaves the old file or the new one, never half of one."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def trim_metrics(path: Path, last_step: int) -> None:
-    """Drop records logged after `last_step`, so a resumed run logs each step once.
-
-    The end-of-run summary of the interrupted invocation goes too: the run continues. A line
-    cut by the kill goes too. The file is replaced in one step, so a kill now loses nothing.
-    """
-    for file in (path, path.with_name(SAMPLES_FILE)):
-        kept = [record for record in read_jsonl(file)
-                if record.get("step", 0) <= last_step and "train_runtime" not in record]
-        if file.exists():
-            write_atomically(file, "".join(json.dumps(record) + "\n" for record in kept))
+        append_jsonl(self.path, record)
 
 
 def _finite(value):
@@ -190,13 +167,12 @@ class OutputSampler(TrainerCallback):
         if not self.prompts or not state.is_world_process_zero or model is None:
             return
         answers = generate(model, self.tokenizer, self.prompts, self.max_new_tokens, self.stop_ids, chat=self.chat)
-        with self.path.open("a", encoding="utf-8") as handle:
-            for prompt, answer in zip(self.prompts, answers):
-                handle.write(json.dumps({
-                    "step": state.global_step, "prompt": prompt, "output": answer["output"],
-                    "ends_with_end_of_turn": answer["stopped"] and bool(answer["output"].strip()),
-                    "follows_format": follows_format(answer["output"], self.format_spec),
-                }) + "\n")
+        for prompt, answer in zip(self.prompts, answers):
+            append_jsonl(self.path, {
+                "step": state.global_step, "prompt": prompt, "output": answer["output"],
+                "ends_with_end_of_turn": answer["stopped"] and bool(answer["output"].strip()),
+                "follows_format": follows_format(answer["output"], self.format_spec),
+            })
 
 
 # =========================================================================== diagnosis, plots, stopping
@@ -232,7 +208,7 @@ class LiveDiagnosis(TrainerCallback):
     def refresh(self) -> Diagnosis:
         records, samples = read_history(self.run_dir)
         diagnosis = diagnose(records, samples, memorization_loss=self.cfg.memorization_loss)
-        (self.run_dir / DIAGNOSIS_FILE).write_text(json.dumps(diagnosis.to_json(), indent=2), encoding="utf-8")
+        write_diagnosis(self.run_dir, diagnosis)
         if self.cfg.plots:
             plot_curves(self.run_dir, records, diagnosis)
         return diagnosis
@@ -250,17 +226,6 @@ class LiveReport(TrainerCallback):
     def on_evaluate(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.write(self.run_dir, live=True)
-
-
-def record_stop(run_dir: Path, reason: str, step: int, evidence: str) -> None:
-    path = Path(run_dir) / STOPPED_FILE
-    if not path.exists():  # the first reason is the one that stopped the run
-        path.write_text(json.dumps({"reason": reason, "step": step, "evidence": evidence}), encoding="utf-8")
-
-
-def read_stop(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / STOPPED_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -291,44 +256,3 @@ class NonFiniteGuard(TrainerCallback):
         if state.is_world_process_zero:
             record_stop(self.run_dir, "instability", state.global_step, evidence)
 
-
-def plot_curves(run_dir: Path, records: list[dict], diagnosis: Diagnosis | None = None) -> list[Path]:
-    """loss.png (train and eval, findings shaded), learning_rate.png, grad_norm.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    for metric, filename in PLOTS.items():
-        series = {"train loss" if metric == "loss" else metric: _series(records, metric)}
-        if metric == "loss":
-            series["eval loss"] = _series(records, "eval_loss")
-        if not any(points for points in series.values()):
-            continue
-        figure, axes = plt.subplots(figsize=(7, 3.6), dpi=110)
-        for label, points in series.items():
-            if points:
-                axes.plot(*zip(*points), label=label, marker="o" if label == "eval loss" else None, markersize=3)
-        if metric == "loss" and diagnosis is not None:
-            for finding in diagnosis.findings:
-                if finding.severity in {"warning", "error"}:
-                    first, last = finding.steps
-                    axes.axvspan(first, max(last, first + 0.5), alpha=0.15, color="tab:red" if finding.severity == "error" else "tab:orange")
-                    axes.annotate(finding.code, (first, 1.0), xycoords=("data", "axes fraction"), va="top", fontsize=8)
-        axes.set_xlabel("step")
-        axes.set_title(metric.replace("_", " "))
-        axes.grid(alpha=0.3)
-        if len(series) > 1:
-            axes.legend()
-        figure.tight_layout()
-        path = Path(run_dir) / filename
-        figure.savefig(path)
-        plt.close(figure)
-        written.append(path)
-    return written
-
-
-def _series(records: list[dict], key: str) -> list[tuple[int, float]]:
-    return [(record["step"], record[key]) for record in records
-            if isinstance(record.get(key), (int, float)) and math.isfinite(record[key]) and "train_runtime" not in record]

@@ -21,6 +21,8 @@ batches (bench/results/train_throughput_*.txt), and flex_attention compiles its 
 over a minute before the first step. The choice and its reason go into the plan printed before
 training and into run_info.json.
 
+The decision is taken with the run's other settings in resolve.py (resolve_training).
+
 Whatever path packs, `refuse_contaminating_packing` first runs two examples packed and one by one
 through the actual model and attention (model.packing_contamination): a model whose logits differ
 (OPT, BLOOM, ... which do not restart positions) is refused instead of trained on mixed examples.
@@ -43,7 +45,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from sftlab.config import SftlabConfig
+from sftlab.config import TRAINING_DEFAULTS, SftlabConfig
 from sftlab.errors import ConfigError
 
 LIGER_PIP = "pip install -c constraints.txt -e '.[liger]' (or pip install liger-kernel==0.8.5)"
@@ -136,7 +138,8 @@ def flex_attention_supported(model=None) -> bool:
 def packing_for(cfg: SftlabConfig, model=None) -> PackingChoice:
     """The decision for this machine, and for the loaded model when given (which kernels it supports)."""
     accelerator = accelerator_type()
-    return choose_packing(cfg.training.get("packing", "auto"), cfg.model.attn_implementation, accelerator,
+    packing = cfg.training.get("packing", TRAINING_DEFAULTS["packing"])
+    return choose_packing(packing, cfg.model.attn_implementation, accelerator,
                           flash=installed_flash_attention(model) if accelerator == "cuda" else None,
                           flex=flex_attention_supported(model))
 
