@@ -8,7 +8,7 @@ The prompts are the first N (default 100) of the shipped demo eval set
 them (the demo config, the model's chat template). Timed with time.perf_counter, after
 one short warm-up batch (not counted):
 
-- as evaluated:  `sftlab.evaluate.generate_answers`, the function `sftlab eval` runs:
+- as evaluated:  `sftlab.generation.generate_answers`, the function `sftlab eval` runs:
                  batches of eval.generation_batch_size prompts sorted by length,
                  left-padded, KV cache, greedy; each batch ends when all its answers have;
 - worst case:    the same call with every answer forced to the full max_new_tokens
@@ -57,7 +57,7 @@ def package_version(name: str) -> str:
 
 
 def timed_generation(model, tokenizer, held_out, eval_cfg, label: str, force_full: bool = False) -> dict:
-    from sftlab.evaluate import generate_answers
+    from sftlab.generation import generate_answers
 
     saved = model.generation_config.min_new_tokens
     if force_full:

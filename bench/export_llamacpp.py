@@ -72,7 +72,7 @@ def transformers_answers(run: Path, prompts: list[list[int]], max_new_tokens: in
     import torch
 
     from sftlab.chat import load_tuned
-    from sftlab.monitor import stop_token_ids
+    from sftlab.generation import stop_token_ids
 
     model, tokenizer = load_tuned(run)
     stops = stop_token_ids(tokenizer)

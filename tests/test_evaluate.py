@@ -13,7 +13,7 @@ from conftest import sftlab_in_process, write_config, write_jsonl
 from sftlab.config import load_config
 from sftlab.evaluate import (
     AFTER_FILE, BEFORE_FILE, EVAL_DIR, RETENTION_BUILTIN, SAMPLES_FILE, ends_turn_cleanly, evaluate_model_path,
-    evaluate_run, leaks_template, template_markers, trained_responses, trained_token_loss,
+    evaluate_run, leaks_template, print_comparison, template_markers, trained_responses, trained_token_loss,
 )
 from sftlab.metrics import distinct_n, duplicate_share, exact_match, memorization, rouge_l
 from sftlab.monitor import METRICS_FILE, read_jsonl
@@ -273,6 +273,19 @@ def test_exact_match_and_rouge_l():
     assert rouge_l(["the cat sat"], ["the cat sat"]) == pytest.approx(1.0)
     assert rouge_l(["the cat sat"], ["the cat sat down"]) == pytest.approx(2 * 1 * 0.75 / 1.75)
     assert rouge_l(["dog"], ["cat"]) == 0.0
+
+
+def test_the_comparison_shows_a_wrongly_typed_summary_value_as_a_dash():
+    import io
+
+    from rich.console import Console
+
+    tuned = {"num_prompts": 2, "max_new_tokens": 4, "loss": {"loss": 1.5, "perplexity": math.exp(1.5), "tokens": 9}}
+    hand_edited = {"loss": {"loss": "low"}, "adherence": [1], "metrics": "none"}  # a before.json someone edited
+    out = io.StringIO()
+    print_comparison({"base": hand_edited, "tuned": tuned}, [], console=Console(file=out, width=200))
+    loss_row = next(line for line in out.getvalue().splitlines() if "held-out loss" in line)
+    assert [cell.strip() for cell in loss_row.split("│")[2:5]] == ["-", "1.5000", ""]
 
 
 @pytest.mark.parametrize("raw, leaks", [

@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 from typing import Iterable, TextIO
 
-from sftlab.data import render
-from sftlab.evaluate import load_final_model, open_finished_run
-from sftlab.model import FINAL_DIR
-from sftlab.monitor import stop_token_ids
+from sftlab.evaluate.finished import load_final_model, open_finished_run
+from sftlab.generation import stop_token_ids
+from sftlab.rundir import FINAL_DIR
+from sftlab.templates import render
 from sftlab.terminal import visible
 
 COMMANDS = "/reset starts over, /exit (or Ctrl-D) ends"
@@ -38,8 +38,9 @@ def load_tuned(run_dir: Path):
     return model, tokenizer
 
 
-def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float = 0.0,
-          out: TextIO | None = None) -> str:
+def reply(
+    model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float = 0.0, out: TextIO | None = None
+) -> str:
     """The model's next turn, streamed to `out` as it is generated."""
     import torch
 
@@ -48,13 +49,25 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperatu
     streamer = _Streamer(tokenizer, out) if out is not None else None
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
-                                pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop_token_ids(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+            **sampling,
+        )
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def chat(run_dir: Path, lines: Iterable[str] | None = None, out: TextIO = sys.stdout, max_new_tokens: int = 256,
-         temperature: float = 0.0, system: str | None = None) -> list[dict]:
+def chat(
+    run_dir: Path,
+    lines: Iterable[str] | None = None,
+    out: TextIO = sys.stdout,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    system: str | None = None,
+) -> list[dict]:
     """Talk to the run's model; `lines` defaults to the terminal. Returns the last conversation."""
     model, tokenizer = load_tuned(run_dir)
     start = [{"role": "system", "content": system}] if system else []
@@ -73,7 +86,8 @@ def chat(run_dir: Path, lines: Iterable[str] | None = None, out: TextIO = sys.st
         messages.append({"role": "user", "content": text})
         out.write("model> ")
         out.flush()
-        messages.append({"role": "assistant", "content": reply(model, tokenizer, messages, max_new_tokens, temperature, out)})
+        answer = reply(model, tokenizer, messages, max_new_tokens, temperature, out)
+        messages.append({"role": "assistant", "content": answer})
         out.write("\n")
     return messages
 

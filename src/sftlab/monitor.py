@@ -25,9 +25,7 @@ small trained tensor per step: a NaN update reaches every weight, so one is enou
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ from transformers import TrainerCallback
 
 from sftlab.config import FormatSpec, MonitorConfig
 from sftlab.diagnose import Diagnosis, diagnose, read_history, write_diagnosis
+from sftlab.generation import follows_format, generate, generation_prompts, stop_token_ids
 from sftlab.plots import plot_curves
 from sftlab.rundir import (
     DIAGNOSIS_FILE, METRICS_FILE, STOPPED_FILE, append_jsonl, read_jsonl, read_stop, record_stop, trim_metrics,
@@ -150,81 +149,6 @@ class ProgressBar(TrainerCallback):
 
 
 # =========================================================================== outputs
-
-
-def follows_format(text: str, spec: FormatSpec | None) -> bool | None:
-    """Whether a response follows the user's format (None when no format is set)."""
-    if spec is None:
-        return None
-    text = text.strip()
-    if spec.type == "regex":
-        return re.fullmatch(spec.pattern, text, flags=re.DOTALL) is not None
-    if spec.type == "prefix":
-        return text.startswith(spec.text)
-    if spec.type == "contains":
-        return spec.text in text
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    if spec.type == "json":
-        return True
-    import jsonschema
-
-    return jsonschema.Draft202012Validator(spec.schema_).is_valid(value)
-
-
-def generation_prompts(tokenizer, examples, count: int) -> list[str]:
-    """The prompts of the first `count` held-out examples, ready for generation."""
-    from sftlab.data import render
-
-    prompts = []
-    for example in examples[:count]:
-        if example.messages is None:
-            prompts.append(example.prompt)
-            continue
-        last = max(i for i, message in enumerate(example.messages) if message["role"] == "assistant")
-        prompts.append(render(tokenizer, example.messages[:last], add_generation_prompt=True, tools=example.tools))
-    return prompts
-
-
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, stop_ids: list[int],
-             chat: bool = True, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[dict]:
-    """Batched, left-padded generation with the KV cache, greedy unless `do_sample`.
-
-    Returns, per prompt, the text (special tokens skipped), the new token ids before the
-    stop token (to look for leaked template tokens), and whether it stopped.
-    """
-    import torch
-
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
-    finally:
-        tokenizer.padding_side = side
-    # Sampling settings only when sampling: with greedy decoding transformers warns about them.
-    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
-                                    eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, **sampling)
-    finally:
-        model.train(was_training)
-    results = []
-    for row in output[:, batch["input_ids"].shape[1]:].tolist():
-        stop_at = next((i for i, token in enumerate(row) if token in stop_ids), None)
-        new = row if stop_at is None else row[:stop_at]
-        results.append({"output": tokenizer.decode(new, skip_special_tokens=True), "token_ids": new,
-                        "stopped": stop_at is not None})
-    return results
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    from sftlab.data import end_of_turn_token_id
-
-    return sorted({tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)} - {None})
 
 
 class OutputSampler(TrainerCallback):

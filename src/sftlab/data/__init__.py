@@ -7,7 +7,7 @@ per core, so memory stays flat in the number of rows:
       -> records, each remembering its file and line                 sources.py
       -> examples: a conversation, or raw prompt/completion text      formats.py (normalized)
       -> de-duplicated, split into train/eval without leakage, mixed  prepare.py (hashes, index arrays)
-      -> rendered with the model's chat template, trained spans found masks.py (templates.py: what a template does)
+      -> rendered with the model's chat template, trained spans found masks.py (sftlab.templates: what a template does)
       -> token ids + `assistant_masks`                                (what SFTTrainer gets, memory-mapped)
       -> audit                                                        audit.py (what `sftlab check` shows)
       -> cached by content hash                                       cache.py
@@ -21,7 +21,7 @@ from sftlab.data.formats import FORMATS, Example, ExampleSequence, checked_messa
 from sftlab.data.masks import Rendered, render_example, tokenize_rendered
 from sftlab.data.prepare import PreparedData, preparation_settings, prepare_data
 from sftlab.data.sources import FILE_SUFFIXES, BadRow, Record, source_list
-from sftlab.data.templates import end_of_turn_marker, end_of_turn_token_id, render, stop_token_ids
+from sftlab.templates import end_of_turn_marker, end_of_turn_token_id, render, stop_token_ids
 
 __all__ = [
     "FILE_SUFFIXES",

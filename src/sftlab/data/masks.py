@@ -12,7 +12,7 @@ Trade-offs:
   (rendering is a small share of the time next to tokenizing).
 - A turn's span starts after its generation prompt (and after the empty think block a
   no-think generation prompt holds) and ends after the template's end-of-turn marker, as
-  probed in templates.py: text a template writes only after the last message belongs to
+  probed in sftlab.templates: text a template writes only after the last message belongs to
   no turn, so it neither is trained nor breaks prefix preservation. Templates that write
   no end-of-turn marker (GLM-4.x) train the next role marker, or EOS after the last turn.
 - Templates that rewrite earlier turns (DeepSeek-R1-Distill drops the reasoning of every
@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 from sftlab.data.formats import Example, batch_examples
 from sftlab.data.sources import BadRow
-from sftlab.data.templates import (
+from sftlab.templates import (
     NEEDS_TOOLS,
     TemplateNeedsTools,
     TemplateRejected,

@@ -48,8 +48,8 @@ from sftlab.data.formats import (
 )
 from sftlab.data.masks import tokenize_batch, tokenized_features
 from sftlab.data.sources import Collector, Records, read_source, source_list
-from sftlab.data.templates import NEEDS_TOOLS, stop_token_ids
 from sftlab.errors import DataError
+from sftlab.templates import NEEDS_TOOLS, stop_token_ids
 
 TRAIN_SAMPLE_SIZE = 64  # training examples kept as Examples: few-shot prompts for the prompted baseline (evaluate.py)
 NORMALIZE_ROWS_PER_PROCESS = 20_000  # normalizing is cheap: a worker pays off from this many rows

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from sftlab.config import SourceConfig
-from sftlab.errors import DataError
+from sftlab.errors import BadRow, DataError
 
 DATA_SUFFIXES = {".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
@@ -41,10 +41,6 @@ BATCH_ROWS = 10_000  # records written per Arrow batch
 BATCH_BYTES = 32 << 20  # ... or fewer, when they hold this much text: memory stays flat whatever the file
 MAX_PROBLEMS_LISTED = 10_000  # problems kept with their file and line; `dropped` counts every one
 SUPPORTED = ".jsonl, .json, .csv, .tsv, .parquet (the first four also as .gz or .zst), or a save_to_disk directory"
-
-
-class BadRow(Exception):
-    """A row that cannot be used; its message is the reason shown in the audit."""
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""Chat templates: rendering with the model's template, and what sftlab learns about a template by probing it.
+"""Chat templates: everything sftlab knows about a model's chat template, in one place.
 
-The mask stage (masks.py) finds trained spans by rendering conversations; what it needs
-to know about the template is read here from renderings of tiny probe conversations,
-never from the template's name:
+Used by the data stage (masks: the trained spans), the model (ChatML for a tokenizer that has
+none), generation (the stop tokens), evaluation (the template's markers an answer must not
+leak), chat and export. What a template does is read from renderings of tiny probe
+conversations, never from the template's name:
 
 - how an assistant turn ends (`TurnEnd`): the text the template writes after a response
   (`<|im_end|>`, `<|eot_id|>`, `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`), and the token
@@ -13,7 +14,9 @@ never from the template's name:
   EOS after the last turn, the tokens its generation config stops on;
 - whether it has a no-think generation prompt (`enable_thinking=False`) that differs
   from the default: an empty think block that prompt holds is not the model's to write;
-- whether it renders nothing without tools (it iterates `tools` even when none are given).
+- whether it renders nothing without tools (it iterates `tools` even when none are given);
+- the text of its turn headers that is neither a special token nor a role name
+  (`template_markers`): an answer showing it has leaked the template.
 
 Templates that print today's date (`strftime_now`) render with one date per run: the first
 rendering that prints a date pins it, and every later one, evaluation and chat included,
@@ -29,11 +32,12 @@ Trade-offs:
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sftlab.data.sources import BadRow
+from sftlab.errors import BadRow
 
 SENTINEL = "\ue000sftlab-response\ue001"  # private-use characters: no template or text contains them
 NEXT_SENTINEL = "\ue000sftlab-next\ue001"
@@ -45,6 +49,14 @@ PROBE_TOOLS = [
     }
 ]
 NEEDS_TOOLS = "the chat template renders no conversation without tools"
+ROLE_NAMES = ("system", "user", "assistant", "human")
+# A chat template for models that have none: ChatML, as SmolLM2 and Qwen use it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 
 class TemplateRejected(BadRow):
@@ -55,6 +67,21 @@ class TemplateRejected(BadRow):
 
 class TemplateNeedsTools(TemplateRejected):
     """The chat template fails on any conversation that gives no tools (a tool-use template)."""
+
+
+# =========================================================================== a template for models without one
+
+
+def add_default_chat_template(tokenizer) -> bool:
+    """Give a template-less tokenizer ChatML, adding its special tokens. Returns True if it did."""
+    if tokenizer.chat_template:
+        return False
+    tokenizer.add_special_tokens({"additional_special_tokens": CHATML_SPECIAL_TOKENS})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.eos_token = "<|im_end|>"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return True
 
 
 # =========================================================================== rendering, with one date per run
@@ -219,6 +246,38 @@ def stop_token_ids(tokenizer) -> list[int]:
 def needs_tools(tokenizer) -> bool:
     """Whether the template fails on a conversation without tools and renders it with them."""
     return turn_end(tokenizer).needs_tools
+
+
+# =========================================================================== what an answer must not show
+
+
+def template_markers(tokenizer) -> list[str]:
+    """Text that must never appear in an answer: the tokenizer's special tokens, and the
+    parts of the chat template's turn headers that are neither special tokens nor a bare role name."""
+    specials = {token for token in tokenizer.all_special_tokens if token and token.strip()}
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials |= {
+        token.content for token in added.values() if getattr(token, "special", False) and token.content.strip()
+    }
+    sentinels = [f"\ue000sftlab-{index}\ue001" for index in range(4)]
+    conversation = [
+        {"role": role, "content": sentinel}
+        for role, sentinel in zip(("user", "assistant", "user", "assistant"), sentinels)
+    ]
+    pieces = set()
+    try:
+        text = render(tokenizer, conversation) if tokenizer.chat_template else ""
+    except BadRow:
+        text = ""
+    splitter = re.compile("|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True)) or r"(?!)")
+    for first, second in zip(sentinels, sentinels[1:]):
+        if first in text and second in text:
+            between = text[text.index(first) + len(first) : text.index(second)]
+            for piece in splitter.split(between):
+                piece = piece.strip()
+                if len(piece) >= 2 and piece.lower().rstrip(":") not in ROLE_NAMES:
+                    pieces.add(piece)
+    return sorted(specials) + sorted(pieces)
 
 
 # =========================================================================== special tokens in rendered text
