@@ -37,10 +37,15 @@ ADHERENCE_GAIN = 0.40
 BAD_FINDINGS = {"overfitting", "instability"}
 
 
-TABLE = (("record (the demo's metric)", ("metrics", "record"), "share"), ("format adherence", ("adherence", "format"), "share"),
-         ("chat adherence", ("adherence", "chat"), "share"), ("exact match", ("reference", "exact_match"), "share"),
-         ("ROUGE-L", ("reference", "rougeL"), "number"), ("held-out loss", ("loss", "loss"), "number"),
-         ("retention loss", ("retention", "loss"), "number"))
+TABLE = (
+    ("record (the demo's metric)", ("metrics", "record"), "share"),
+    ("format adherence", ("adherence", "format"), "share"),
+    ("chat adherence", ("adherence", "chat"), "share"),
+    ("exact match", ("reference", "exact_match"), "share"),
+    ("ROUGE-L", ("reference", "rougeL"), "number"),
+    ("held-out loss", ("loss", "loss"), "number"),
+    ("retention loss", ("retention", "loss"), "number"),
+)
 
 
 def row(result: dict, keys: tuple[str, str], kind: str) -> str:
@@ -81,17 +86,19 @@ def main() -> int:
     checks = {
         f"end to end under {WALL_LIMIT_S // 60} minutes": wall < WALL_LIMIT_S,
         f"format adherence after >= {ADHERENCE_AFTER:.0%}": adherence_after >= ADHERENCE_AFTER,
-        f"format adherence gain >= {ADHERENCE_GAIN * 100:.0f} points": adherence_after - adherence_before >= ADHERENCE_GAIN,
+        f"format adherence gain >= {ADHERENCE_GAIN * 100:.0f} points": adherence_after - adherence_before
+        >= ADHERENCE_GAIN,
         "held-out loss lower after": after["loss"]["loss"] < before["loss"]["loss"],
         "verdict: worked (better than the base and the prompted base model)": verdict.get("verdict") == "worked",
         "no overfitting or instability found": not BAD_FINDINGS & set(findings),
-        "report.html and final/README.md written": (run / "report.html").exists() and (run / "final" / "README.md").exists(),
+        "report.html and final/README.md written": (run / "report.html").exists()
+        and (run / "final" / "README.md").exists(),
     }
     import torch
 
     lines = [
         "sftlab demo benchmark (bench/demo.py): `sftlab demo` end to end, first run (no prepared-data cache)",
-        f"date:       {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+        f"date:       {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
         f"machine:    {os.cpu_count()} CPUs; {platform.platform()}; torch {torch.__version__}; "
         f"{'GPU' if torch.cuda.is_available() else 'no GPU'}",
         f"load:       1/5/15-minute load average before {'/'.join(f'{x:.2f}' for x in load_before)}, "
@@ -105,8 +112,10 @@ def main() -> int:
         "",
         f"held-out prompts: {after['num_prompts']}; format: {after['adherence'].get('format_spec', {}).get('type')}",
         f"{'':<27}{'before':>9}{'prompted':>9}{'after':>9}",
-        *[f"{label:<27}{row(before, keys, kind)}{row(prompted, keys, kind)}{row(after, keys, kind)}"
-          for label, keys, kind in TABLE],
+        *[
+            f"{label:<27}{row(before, keys, kind)}{row(prompted, keys, kind)}{row(after, keys, kind)}"
+            for label, keys, kind in TABLE
+        ],
         f"diagnosis findings: {', '.join(findings) or 'none'}",
         f"verdict: {verdict.get('headline', 'none')}",
         *[f"  caveat: {caveat}" for caveat in verdict.get("caveats", [])],
@@ -121,8 +130,15 @@ def main() -> int:
     print(report)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "demo.txt").write_text(report, encoding="utf-8")
-    summary = {"wall_s": wall, "before": before, "prompted": prompted, "after": after, "verdict": verdict,
-               "findings": findings, "checks": checks}
+    summary = {
+        "wall_s": wall,
+        "before": before,
+        "prompted": prompted,
+        "after": after,
+        "verdict": verdict,
+        "findings": findings,
+        "checks": checks,
+    }
     (RESULTS / "demo.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     shutil.rmtree(out_dir, ignore_errors=True)
     return 0 if all(checks.values()) else 1

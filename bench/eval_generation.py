@@ -69,11 +69,20 @@ def timed_generation(model, tokenizer, held_out, eval_cfg, label: str, force_ful
     finally:
         model.generation_config.min_new_tokens = saved
     tokens = sum(len(answer["token_ids"]) + answer["stopped"] for answer in answers)
-    result = {"label": label, "prompts": len(answers), "batch_size": eval_cfg.generation_batch_size, "seconds": seconds,
-              "tokens": tokens, "stopped": sum(answer["stopped"] for answer in answers),
-              "tokens_per_s": tokens / seconds if seconds else float("inf")}
-    print(f"  {label}: {seconds:.2f} s, {tokens:,} tokens ({result['tokens_per_s']:.0f}/s), "
-          f"{result['stopped']}/{len(answers)} answers ended", flush=True)
+    result = {
+        "label": label,
+        "prompts": len(answers),
+        "batch_size": eval_cfg.generation_batch_size,
+        "seconds": seconds,
+        "tokens": tokens,
+        "stopped": sum(answer["stopped"] for answer in answers),
+        "tokens_per_s": tokens / seconds if seconds else float("inf"),
+    }
+    print(
+        f"  {label}: {seconds:.2f} s, {tokens:,} tokens ({result['tokens_per_s']:.0f}/s), "
+        f"{result['stopped']}/{len(answers)} answers ended",
+        flush=True,
+    )
     return result
 
 
@@ -81,12 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=100, help="held-out prompts (default 100; the demo set has 200)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per answer at most (default 64)")
-    parser.add_argument("--batch-sizes", default="", help="comma-separated generation batch sizes to compare "
-                        "(default: eval.generation_batch_size's default only)")
-    parser.add_argument("--sequential", type=int, default=10, help="prompts generated one by one for comparison (0: skip)")
+    parser.add_argument(
+        "--batch-sizes",
+        default="",
+        help="comma-separated generation batch sizes to compare (default: eval.generation_batch_size's default only)",
+    )
+    parser.add_argument(
+        "--sequential", type=int, default=10, help="prompts generated one by one for comparison (0: skip)"
+    )
     parser.add_argument("--no-full-eval", action="store_true", help="skip timing the whole evaluate_model")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "eval_generation.txt",
-                        help="where to write the result (default bench/results/eval_generation.txt)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "eval_generation.txt",
+        help="where to write the result (default bench/results/eval_generation.txt)",
+    )
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,15 +119,22 @@ def main(argv: list[str] | None = None) -> int:
     from sftlab.model import add_default_chat_template, load_model, load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="sftlab-bench-eval-") as tmp:
-        cfg = demo_config(Path(tmp) / "run", [f"eval.num_prompts={args.prompts}", f"eval.max_new_tokens={args.max_new_tokens}"])
+        cfg = demo_config(
+            Path(tmp) / "run", [f"eval.num_prompts={args.prompts}", f"eval.max_new_tokens={args.max_new_tokens}"]
+        )
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model)
     add_default_chat_template(tokenizer)
     model = load_model(cfg.model, tokenizer)
     load_seconds = time.perf_counter() - start
     print(f"model loaded in {load_seconds:.1f} s (not counted)", flush=True)
-    data = prepare_data(cfg.data, tokenizer, assistant_only_loss=True, seed=cfg.training["seed"],
-                        max_length=cfg.training.get("max_length"))
+    data = prepare_data(
+        cfg.data,
+        tokenizer,
+        assistant_only_loss=True,
+        seed=cfg.training["seed"],
+        max_length=cfg.training.get("max_length"),
+    )
     held_out = held_out_set(cfg, tokenizer, data)
     prompt_tokens = [len(ids) for ids in tokenizer(held_out.prompts, add_special_tokens=False)["input_ids"]]
 
@@ -117,13 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     warm = EvalConfig(num_prompts=4, max_new_tokens=4, generation_batch_size=4)
     timed_generation(model, tokenizer, _first(held_out, 4), warm, "warm-up (not counted)")
 
-    batch_sizes = [int(size) for size in args.batch_sizes.split(",") if size.strip()] or [cfg.eval.generation_batch_size]
+    batch_sizes = [int(size) for size in args.batch_sizes.split(",") if size.strip()] or [
+        cfg.eval.generation_batch_size
+    ]
     runs = []
     for size in batch_sizes:
         eval_cfg = cfg.eval.model_copy(update={"generation_batch_size": size})
         runs.append(timed_generation(model, tokenizer, held_out, eval_cfg, f"as evaluated, batch {size}"))
     default_cfg = cfg.eval.model_copy(update={"generation_batch_size": batch_sizes[0]})
-    worst = timed_generation(model, tokenizer, held_out, default_cfg, f"worst case, batch {batch_sizes[0]}", force_full=True)
+    worst = timed_generation(
+        model, tokenizer, held_out, default_cfg, f"worst case, batch {batch_sizes[0]}", force_full=True
+    )
     sequential = None
     if args.sequential:
         count = min(args.sequential, len(held_out.prompts))
@@ -132,12 +161,23 @@ def main(argv: list[str] | None = None) -> int:
     full = prompted = None
     if not args.no_full_eval:
         start = time.perf_counter()
-        summary = evaluate_model(model, tokenizer, default_cfg, held_out, "before", cfg.model.name_or_path, step=0).summary
+        summary = evaluate_model(
+            model, tokenizer, default_cfg, held_out, "before", cfg.model.name_or_path, step=0
+        ).summary
         full = {"seconds": time.perf_counter() - start, "summary": summary}
         print(f"  whole evaluate_model: {full['seconds']:.2f} s", flush=True)
         start = time.perf_counter()
-        summary = evaluate_model(model, tokenizer, default_cfg, held_out, "prompted", cfg.model.name_or_path, step=0,
-                                 prompted=True, retention=summary["retention"]).summary
+        summary = evaluate_model(
+            model,
+            tokenizer,
+            default_cfg,
+            held_out,
+            "prompted",
+            cfg.model.name_or_path,
+            step=0,
+            prompted=True,
+            retention=summary["retention"],
+        ).summary
         prompted = {"seconds": time.perf_counter() - start, "summary": summary}
         print(f"  whole evaluate_model, prompted baseline: {prompted['seconds']:.2f} s", flush=True)
 
@@ -161,26 +201,35 @@ def main(argv: list[str] | None = None) -> int:
         f"{'run':<28}{'prompts':>8}{'batch':>7}{'tokens':>9}{'ended':>7}{'seconds':>10}{'tokens/s':>10}",
     ]
     for run in [*runs, worst, *([sequential] if sequential else [])]:
-        lines.append(f"{run['label']:<28}{run['prompts']:>8}{run['batch_size']:>7}{run['tokens']:>9,}{run['stopped']:>7}"
-                     f"{run['seconds']:>10.2f}{run['tokens_per_s']:>10.0f}")
+        lines.append(
+            f"{run['label']:<28}{run['prompts']:>8}{run['batch_size']:>7}{run['tokens']:>9,}{run['stopped']:>7}"
+            f"{run['seconds']:>10.2f}{run['tokens_per_s']:>10.0f}"
+        )
     if sequential:
         estimate = sequential["seconds"] / sequential["prompts"] * len(held_out.prompts)
-        lines.append(f"one by one, extrapolated to {len(held_out.prompts)} prompts: ~{estimate:.0f} s "
-                     f"(x{estimate / runs[0]['seconds']:.1f} the batched time)")
+        lines.append(
+            f"one by one, extrapolated to {len(held_out.prompts)} prompts: ~{estimate:.0f} s "
+            f"(x{estimate / runs[0]['seconds']:.1f} the batched time)"
+        )
     if full:
         summary = full["summary"]
-        lines += ["", f"whole evaluate_model (generation, held-out loss over {summary['loss']['tokens']:,} trained tokens of "
-                  f"{len(held_out.rows)} rows, retention loss over {summary['retention']['tokens']:,} tokens, metrics): "
-                  f"{full['seconds']:.2f} s"]
+        lines += [
+            "",
+            f"whole evaluate_model (generation, held-out loss over {summary['loss']['tokens']:,} trained tokens of "
+            f"{len(held_out.rows)} rows, retention loss over {summary['retention']['tokens']:,} tokens, metrics): "
+            f"{full['seconds']:.2f} s",
+        ]
     if prompted:
         shown = held_out.prompted
         prompted_tokens = [len(ids) for ids in tokenizer(shown.prompts, add_special_tokens=False)["input_ids"]]
-        lines += [f"prompted baseline ({shown.shots} training examples before each prompt: "
-                  f"{min(prompted_tokens)}-{max(prompted_tokens)} prompt tokens, "
-                  f"{sum(prompted_tokens) / len(prompted_tokens):.0f} on average; retention reused): "
-                  f"{prompted['seconds']:.2f} s = x{prompted['seconds'] / full['seconds']:.2f} the zero-shot evaluation",
-                  f"  format adherence zero-shot {full['summary']['adherence']['format']:.1%}, prompted "
-                  f"{prompted['summary']['adherence']['format']:.1%}"]
+        lines += [
+            f"prompted baseline ({shown.shots} training examples before each prompt: "
+            f"{min(prompted_tokens)}-{max(prompted_tokens)} prompt tokens, "
+            f"{sum(prompted_tokens) / len(prompted_tokens):.0f} on average; retention reused): "
+            f"{prompted['seconds']:.2f} s = x{prompted['seconds'] / full['seconds']:.2f} the zero-shot evaluation",
+            f"  format adherence zero-shot {full['summary']['adherence']['format']:.1%}, prompted "
+            f"{prompted['summary']['adherence']['format']:.1%}",
+        ]
     timings = ", ".join(f"{run['seconds']:.1f} s" for run in [*runs, worst])
     lines += [
         "",
@@ -189,12 +238,16 @@ def main(argv: list[str] | None = None) -> int:
         f"in the worst case: {'PASS' if ok else 'FAIL'} ({timings})",
     ]
     if prompted:
-        lines.append(f"requirement:  the prompted baseline's evaluation at most x{PROMPTED_RATIO_LIMIT} the zero-shot "
-                     f"baseline's: {'PASS' if prompted_ok else 'FAIL'} (x{prompted['seconds'] / full['seconds']:.2f})")
+        lines.append(
+            f"requirement:  the prompted baseline's evaluation at most x{PROMPTED_RATIO_LIMIT} the zero-shot "
+            f"baseline's: {'PASS' if prompted_ok else 'FAIL'} (x{prompted['seconds'] / full['seconds']:.2f})"
+        )
     ok = ok and prompted_ok
     if args.prompts != 100 or args.max_new_tokens != 64:
-        lines.append("note:         the requirement is stated for 100 prompts x 64 new tokens; this run used "
-                     f"{args.prompts} x {args.max_new_tokens}")
+        lines.append(
+            "note:         the requirement is stated for 100 prompts x 64 new tokens; this run used "
+            f"{args.prompts} x {args.max_new_tokens}"
+        )
     report = "\n".join(lines) + "\n"
     print()
     print(report, end="")
@@ -207,8 +260,13 @@ def main(argv: list[str] | None = None) -> int:
 def _first(held_out, count: int):
     from dataclasses import replace
 
-    return replace(held_out, prompts=held_out.prompts[:count], chat=held_out.chat[:count],
-                   questions=held_out.questions[:count], references=held_out.references[:count])
+    return replace(
+        held_out,
+        prompts=held_out.prompts[:count],
+        chat=held_out.chat[:count],
+        questions=held_out.questions[:count],
+        references=held_out.references[:count],
+    )
 
 
 if __name__ == "__main__":

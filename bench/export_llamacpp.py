@@ -38,8 +38,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RESULT = REPO / "bench" / "results" / "export_llamacpp.txt"
 LLAMA_CPP_PYTHON = "0.3.36"
-CPU_CMAKE_ARGS = ("-DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAVA_BUILD=OFF "
-                  "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF")
+CPU_CMAKE_ARGS = (
+    "-DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAVA_BUILD=OFF "
+    "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF"
+)
 MOST = 0.9  # "llama.cpp's greedy output matches transformers' on most prompts"
 
 
@@ -49,8 +51,17 @@ def ensure_llama_cpp() -> str:
     except ImportError:
         print(f"building llama-cpp-python {LLAMA_CPP_PYTHON} from source (compiles llama.cpp: ~25 min on 2 cores)")
         env = {**os.environ, "CMAKE_ARGS": CPU_CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-        command = [sys.executable, "-m", "pip", "install", "--no-binary", "llama-cpp-python",
-                   "-c", str(REPO / "constraints.txt"), f"llama-cpp-python=={LLAMA_CPP_PYTHON}"]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-binary",
+            "llama-cpp-python",
+            "-c",
+            str(REPO / "constraints.txt"),
+            f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+        ]
         subprocess.run(command, check=True, env=env)
         import llama_cpp
     return llama_cpp.__version__
@@ -79,10 +90,15 @@ def transformers_answers(run: Path, prompts: list[list[int]], max_new_tokens: in
     answers, started = [], time.perf_counter()
     with torch.no_grad():
         for ids in prompts:
-            output = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                    max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                                    pad_token_id=tokenizer.pad_token_id)
-            answer = output[0, len(ids):].tolist()
+            output = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            answer = output[0, len(ids) :].tolist()
             answers.append(answer[:-1] if answer and answer[-1] in stops else answer)
     return answers, time.perf_counter() - started
 
@@ -97,8 +113,9 @@ def llama_cpp_answers(gguf: Path, texts: list[str], prompts: list[list[int]], ma
     def is_end_of_generation(token: int) -> bool:  # llama.cpp's own test: EOS, EOT and the like, from the GGUF
         return bool(llama_cpp.llama_vocab_is_eog(vocab, token))
 
-    same_tokens = sum(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids
-                      for text, ids in zip(texts, prompts))
+    same_tokens = sum(
+        llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids for text, ids in zip(texts, prompts)
+    )
     answers, started = [], time.perf_counter()
     for ids in prompts:
         answer = []
@@ -154,10 +171,19 @@ def go_renders(template: str, conversations: list[list[dict]]) -> list[str] | No
     with tempfile.TemporaryDirectory() as directory:
         source = Path(directory) / "render.go"
         source.write_text(GO_RENDER, encoding="utf-8")
-        payload = json.dumps({"Template": template, "Conversations": [[{"Role": m["role"], "Content": m["content"]}
-                                                                       for m in c] for c in conversations]})
-        done = subprocess.run(["go", "run", str(source)], input=payload, capture_output=True, text=True,
-                              env={**os.environ, "GOCACHE": str(Path(directory) / "cache"), "GOFLAGS": "-mod=mod"})
+        payload = json.dumps(
+            {
+                "Template": template,
+                "Conversations": [[{"Role": m["role"], "Content": m["content"]} for m in c] for c in conversations],
+            }
+        )
+        done = subprocess.run(
+            ["go", "run", str(source)],
+            input=payload,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "GOCACHE": str(Path(directory) / "cache"), "GOFLAGS": "-mod=mod"},
+        )
         if done.returncode != 0:
             raise RuntimeError(done.stderr)
         return json.loads(done.stdout)
@@ -176,7 +202,6 @@ def tiny_logits_in_llama_cpp(directory: Path) -> list[str]:
 
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import build_tiny_model
-
     from sftlab import export_gguf
 
     text = "<|im_start|>user\nWhat is 12 plus 3? The quick brown fox.<|im_end|>\n<|im_start|>assistant\n"
@@ -205,16 +230,18 @@ def tiny_logits_in_llama_cpp(directory: Path) -> list[str]:
         with torch.no_grad():
             ours = model(torch.tensor([ids])).logits[0].numpy()
         label = f"tiny {model_type}" + ("" if permute or model_type == "qwen2" else " WITHOUT the q/k permutation")
-        lines.append(f"  {label:<42} max |logit diff| {np.abs(theirs - ours).max():7.3f} (logits up to "
-                     f"{np.abs(ours).max():.1f}); same argmax at {(theirs.argmax(-1) == ours.argmax(-1)).mean():.0%} "
-                     f"of {len(ids)} positions")
+        lines.append(
+            f"  {label:<42} max |logit diff| {np.abs(theirs - ours).max():7.3f} (logits up to "
+            f"{np.abs(ours).max():.1f}); same argmax at {(theirs.argmax(-1) == ours.argmax(-1)).mean():.0%} "
+            f"of {len(ids)} positions"
+        )
     return lines
 
 
 def modelfile_template(modelfile: Path) -> str | None:
     text = modelfile.read_text(encoding="utf-8")
     start = text.find('TEMPLATE """')
-    return text[start + len('TEMPLATE """'): text.index('"""', start + len('TEMPLATE """'))] if start >= 0 else None
+    return text[start + len('TEMPLATE """') : text.index('"""', start + len('TEMPLATE """'))] if start >= 0 else None
 
 
 def main() -> int:
@@ -260,14 +287,18 @@ def main() -> int:
             answers, same_tokens, llama_s = llama_cpp_answers(result.output, texts, prompts, cfg.eval.max_new_tokens)
             same = sum(a == b for a, b in zip(answers, reference))
             first = sum(a[:1] == b[:1] for a, b in zip(answers, reference))
-            lines.append(f"{quant:<8} {result.output.stat().st_size / 1e6:>8.1f} {export_s:>9.1f} "
-                         f"{same_tokens:>12}/{len(prompts):<6} {same:>6}/{len(prompts):<6} "
-                         f"{first:>8}/{len(prompts):<6} {llama_s:>12.1f}")
+            lines.append(
+                f"{quant:<8} {result.output.stat().st_size / 1e6:>8.1f} {export_s:>9.1f} "
+                f"{same_tokens:>12}/{len(prompts):<6} {same:>6}/{len(prompts):<6} "
+                f"{first:>8}/{len(prompts):<6} {llama_s:>12.1f}"
+            )
             verdicts.append((quant, same / len(prompts), same_tokens == len(prompts)))
             for index, (a, b) in enumerate(zip(answers, reference)):
                 if a != b and sum(1 for line in lines if line.startswith("  differs")) < 3:
-                    lines.append(f"  differs ({quant}, prompt {index}): llama.cpp {tokenizer.decode(a)!r} "
-                                 f"vs transformers {tokenizer.decode(b)!r}")
+                    lines.append(
+                        f"  differs ({quant}, prompt {index}): llama.cpp {tokenizer.decode(a)!r} "
+                        f"vs transformers {tokenizer.decode(b)!r}"
+                    )
         template = modelfile_template(Path(directory) / "f16" / "Modelfile")
         rendered = go_renders(template, [c for c in conversations]) if template else None
     lines.append("")
@@ -279,17 +310,25 @@ def main() -> int:
         expected = texts
         same_render = sum(a == b for a, b in zip(rendered, expected))
         go = subprocess.run(["go", "version"], capture_output=True, text=True).stdout.strip()
-        lines.append(f"Modelfile TEMPLATE executed by Go text/template ({go}): {same_render}/{len(expected)} "
-                     "held-out conversations rendered exactly as the chat template renders them")
+        lines.append(
+            f"Modelfile TEMPLATE executed by Go text/template ({go}): {same_render}/{len(expected)} "
+            "held-out conversations rendered exactly as the chat template renders them"
+        )
         verdicts.append(("template", same_render / len(expected), True))
     with tempfile.TemporaryDirectory(prefix="sftlab-export-bench-tiny-") as directory:
-        lines += ["", "Tiny models written by sftlab, run by llama.cpp (f16 file, llama.cpp's own CPU kernels):",
-                  *tiny_logits_in_llama_cpp(Path(directory))]
+        lines += [
+            "",
+            "Tiny models written by sftlab, run by llama.cpp (f16 file, llama.cpp's own CPU kernels):",
+            *tiny_logits_in_llama_cpp(Path(directory)),
+        ]
     lines += ["", "Modelfile (f16):", *("  " + line for line in modelfile.splitlines())]
     passed = all(share >= MOST and tokens for _, share, tokens in verdicts)
-    lines += ["", f"verdict: {'PASS' if passed else 'FAIL'}: llama.cpp's greedy answers equal transformers' on at "
-                  f"least {MOST:.0%} of the prompts for every export, and llama.cpp tokenizes every prompt as "
-                  "transformers does"]
+    lines += [
+        "",
+        f"verdict: {'PASS' if passed else 'FAIL'}: llama.cpp's greedy answers equal transformers' on at "
+        f"least {MOST:.0%} of the prompts for every export, and llama.cpp tokenizes every prompt as "
+        "transformers does",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -106,14 +106,32 @@ from train_throughput import (  # noqa: E402  (the CPU benchmark's data helpers 
 # the issue lists them; rope_theta, sliding_window, 131,072 positions and the untied LM head as in the family's
 # published 7B config.json; tests/test_bench_gpu.py checks the total against the hub's "1.78B params").
 DEEPSEEK_R1_DISTILL_QWEN_1_5B = dict(
-    hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960,
-    vocab_size=151936, max_position_embeddings=131072, rope_theta=10000.0, rms_norm_eps=1e-6, hidden_act="silu",
-    tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096, max_window_layers=21,
-    attention_dropout=0.0, initializer_range=0.02,
+    hidden_size=1536,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    intermediate_size=8960,
+    vocab_size=151936,
+    max_position_embeddings=131072,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+    use_sliding_window=False,
+    sliding_window=4096,
+    max_window_layers=21,
+    attention_dropout=0.0,
+    initializer_range=0.02,
 )
 # --dry-run: the same architecture at a size a CPU trains in seconds.
-TINY_QWEN2 = dict(DEEPSEEK_R1_DISTILL_QWEN_1_5B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=128, vocab_size=4096)
+TINY_QWEN2 = dict(
+    DEEPSEEK_R1_DISTILL_QWEN_1_5B,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=4096,
+)
 
 
 class Shape:
@@ -140,14 +158,35 @@ TOKEN_AGREEMENT = 0.03
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets; the first name the device's contains.
 PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0), ("H800", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0), ("RTX 4090", 165.2),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("RTX 4090", 165.2),
 )
 # What the workers import; the first ones are imported here too, as a version mismatch among them
 # (trl against datasets, pyarrow or transformers) shows only when they import.
 IMPORTED_MODULES = ("torch", "transformers", "trl", "datasets", "pydantic")
-NEEDED_MODULES = ("accelerate", "peft", "yaml", "tokenizers", "safetensors", "jinja2", "markdown_it", "matplotlib",
-                  "rich", "psutil", "tensorboard")
+NEEDED_MODULES = (
+    "accelerate",
+    "peft",
+    "yaml",
+    "tokenizers",
+    "safetensors",
+    "jinja2",
+    "markdown_it",
+    "matplotlib",
+    "rich",
+    "psutil",
+    "tensorboard",
+)
 
 
 # =========================================================================== set-up
@@ -187,12 +226,20 @@ def build_tokenizer(directory: Path):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=["<|endoftext|>", *CHATML_SPECIAL_TOKENS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB,
+        special_tokens=["<|endoftext|>", *CHATML_SPECIAL_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator([sentence_text(rng, 40) for _ in range(3000)] + [" ".join(WORDS)], trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", unk_token="<|endoftext|>",
-                                        additional_special_tokens=CHATML_SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        additional_special_tokens=CHATML_SPECIAL_TOKENS,
+    )
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(directory)
     return tokenizer
@@ -203,8 +250,12 @@ def build_model(directory: Path, shape: Shape, tokenizer) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    config = Qwen2Config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **shape.model)
+    config = Qwen2Config(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **shape.model,
+    )
     torch.manual_seed(0)
     on_gpu = torch.cuda.is_available()
     with torch.device("cuda" if on_gpu else "cpu"):
@@ -233,8 +284,10 @@ def smoltalk_shaped_conversations(tokenizer, count: int, seed: int, shape: Shape
         for weight in weights:
             tokens = max(6, round(content * weight / sum(weights)))
             user = max(3, round(tokens * USER_SHARE))
-            messages += [{"role": "user", "content": text_of_tokens(tokenizer, rng, user)},
-                         {"role": "assistant", "content": text_of_tokens(tokenizer, rng, max(3, tokens - user))}]
+            messages += [
+                {"role": "user", "content": text_of_tokens(tokenizer, rng, user)},
+                {"role": "assistant", "content": text_of_tokens(tokenizer, rng, max(3, tokens - user))},
+            ]
         fit_last_answer(tokenizer, rng, messages, target, shape.max_length)
         rows.append({"messages": messages})
     return rows
@@ -302,23 +355,45 @@ def summarize(args, info: dict, data: dict, trl_r: dict, sft_r: dict, seconds: f
     speedup = sft_r["tokens_per_s"] / trl_r["tokens_per_s"]
     memory_ratio = sft_r["peak_memory_mb"] / trl_r["peak_memory_mb"]
     token_gap = abs(sft_r["tokens"] - trl_r["tokens"]) / trl_r["tokens"]
-    checks = {"throughput": speedup >= SPEEDUP_TARGET, "memory": memory_ratio <= MEMORY_TARGET,
-              "mfu": bool(peak) and sft_r["mfu"] >= MFU_TARGET, "tokens_agree": token_gap <= TOKEN_AGREEMENT,
-              "every_token_fed": all(r["fed"]["tokens"] == r["dataset"]["tokens"] for r in (trl_r, sft_r))}
+    checks = {
+        "throughput": speedup >= SPEEDUP_TARGET,
+        "memory": memory_ratio <= MEMORY_TARGET,
+        "mfu": bool(peak) and sft_r["mfu"] >= MFU_TARGET,
+        "tokens_agree": token_gap <= TOKEN_AGREEMENT,
+        "every_token_fed": all(r["fed"]["tokens"] == r["dataset"]["tokens"] for r in (trl_r, sft_r)),
+    }
     verdict = all(checks[k] for k in ("throughput", "memory", "mfu", "tokens_agree"))
     kind = "dry run on a CPU (a tiny Qwen2; not a measurement)" if args.dry_run else "measurement"
     memory_kind = "GPU allocator peak (torch.cuda.max_memory_allocated)" if gpu else "peak RSS of the worker process"
     summary = {
-        "benchmark": "bench/gpu.py", "kind": kind, "dry_run": args.dry_run,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": info, "data": data, "peak_bf16_tflops": peak, "measured_matmul_tflops": info.get("matmul_tflops"),
-        "settings": {"learning_rate": LEARNING_RATE, "per_device_train_batch_size": 4, "max_length": data["max_length"],
-                     "epochs": 1, "memory": memory_kind, "sftlab_set": args.sftlab_set, "seed": args.seed},
-        "trl": trl_r, "sftlab": sft_r,
+        "benchmark": "bench/gpu.py",
+        "kind": kind,
+        "dry_run": args.dry_run,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": info,
+        "data": data,
+        "peak_bf16_tflops": peak,
+        "measured_matmul_tflops": info.get("matmul_tflops"),
+        "settings": {
+            "learning_rate": LEARNING_RATE,
+            "per_device_train_batch_size": 4,
+            "max_length": data["max_length"],
+            "epochs": 1,
+            "memory": memory_kind,
+            "sftlab_set": args.sftlab_set,
+            "seed": args.seed,
+        },
+        "trl": trl_r,
+        "sftlab": sft_r,
         "ratios": {"tokens_per_s": speedup, "peak_memory": memory_ratio, "token_count_gap": token_gap},
-        "targets": {"tokens_per_s_at_least": SPEEDUP_TARGET, "peak_memory_at_most": MEMORY_TARGET,
-                    "mfu_at_least": MFU_TARGET},
-        "checks": checks, "pass": verdict, "wall_seconds": seconds,
+        "targets": {
+            "tokens_per_s_at_least": SPEEDUP_TARGET,
+            "peak_memory_at_most": MEMORY_TARGET,
+            "mfu_at_least": MFU_TARGET,
+        },
+        "checks": checks,
+        "pass": verdict,
+        "wall_seconds": seconds,
     }
     return report_text(args, summary, trl_r, sft_r), summary
 
@@ -340,8 +415,11 @@ def report_text(args, summary: dict, trl_r: dict, sft_r: dict) -> str:
         return "PASS" if flag else "FAIL"
 
     v = info["versions"]
-    device = (f"GPU {info['gpu']} ({info['gpu_memory_gb']} GiB), CUDA {info.get('cuda')}" if "gpu" in info
-              else f"no GPU; {info['cpus']} CPUs, {info['cpu_model']}")
+    device = (
+        f"GPU {info['gpu']} ({info['gpu_memory_gb']} GiB), CUDA {info.get('cuda')}"
+        if "gpu" in info
+        else f"no GPU; {info['cpus']} CPUs, {info['cpu_model']}"
+    )
     stats = {split: data[split] for split in ("train", "eval")}
     lines = [
         f"sftlab on a GPU: the chapter's setup, sftlab's defaults against plain TRL (bench/gpu.py) - {summary['kind']}",
@@ -357,22 +435,34 @@ def report_text(args, summary: dict, trl_r: dict, sft_r: dict) -> str:
         f"{data['tokenizer_size']:,} tokens",
         f"data:       seed {args.seed}; 1-{MAX_TURNS} turns, log-normal total length (median {data['median']}, p95 "
         f"{data['p95']}), clipped to [{data['min_tokens']}, {data['max_length']}]",
-        *(f"  {name:<6}{s['examples']:>6,} conversations, {s['tokens']:>10,} tokens rendered; length min {s['min']}, "
-          f"median {s['median']:.0f}, p95 {s['p95']:.0f}, max {s['max']}; {s['turns_mean']:.2f} turns on average"
-          for name, s in stats.items()),
+        *(
+            f"  {name:<6}{s['examples']:>6,} conversations, {s['tokens']:>10,} tokens rendered; length min {s['min']}, "
+            f"median {s['median']:.0f}, p95 {s['p95']:.0f}, max {s['max']}; {s['turns_mean']:.2f} turns on average"
+            for name, s in stats.items()
+        ),
         f"settings:   one epoch, learning rate {LEARNING_RATE:g}, per_device_train_batch_size 4, max_length "
         f"{data['max_length']}; memory = {summary['settings']['memory']}",
         *([f"sftlab --set: {', '.join(args.sftlab_set)} (not sftlab's defaults)"] if args.sftlab_set else []),
         "",
         f"  {'':<36}{'TRL (chapter)':>24}{'sftlab default' if not args.sftlab_set else 'sftlab --set':>24}",
-        row("packing / padding-free",
-            lambda r: f"{onoff(r['settings']['packing'])} / {onoff(r['settings']['padding_free'])}"),
+        row(
+            "packing / padding-free",
+            lambda r: f"{onoff(r['settings']['packing'])} / {onoff(r['settings']['padding_free'])}",
+        ),
         row("attention", lambda r: r["settings"]["attn_implementation"]),
-        row("precision / param dtype", lambda r: f"{'bf16' if r['settings']['bf16'] else 'fp32'} / "
-            f"{r['settings']['param_dtype'].replace('torch.', '')}"),
+        row(
+            "precision / param dtype",
+            lambda r: (
+                f"{'bf16' if r['settings']['bf16'] else 'fp32'} / {r['settings']['param_dtype'].replace('torch.', '')}"
+            ),
+        ),
         row("activation checkpointing", lambda r: onoff(r["settings"]["activation_checkpointing"])),
-        row("micro-batch x accumulation", lambda r: f"{r['settings']['per_device_train_batch_size']} x "
-            f"{r['settings']['gradient_accumulation_steps']}"),
+        row(
+            "micro-batch x accumulation",
+            lambda r: (
+                f"{r['settings']['per_device_train_batch_size']} x {r['settings']['gradient_accumulation_steps']}"
+            ),
+        ),
         row("loss on", lambda r: "assistant" if r["settings"]["assistant_only_loss"] else "all tokens"),
         row("rows (conversations)", lambda r: f"{r['dataset']['rows']:,} ({r['dataset']['conversations']:,})"),
         row("optimizer steps", lambda r: f"{r['steps']:,}"),
@@ -380,17 +470,25 @@ def report_text(args, summary: dict, trl_r: dict, sft_r: dict) -> str:
         row("token slots fed (incl. padding)", lambda r: f"{r['fed']['slots']:,}"),
         row("train_runtime", lambda r: f"{r['train_runtime']:,.1f} s"),
         row("tokens/s, whole run", lambda r: f"{r['tokens_per_s_whole_run']:,.0f}"),
-        row("steady window", lambda r: (f"steps {r['steady']['from_step'] + 1}-{r['steps']}, "
-                                        f"{r['steady']['seconds']:.1f} s") if r.get("steady") else "run too short"),
+        row(
+            "steady window",
+            lambda r: (
+                (f"steps {r['steady']['from_step'] + 1}-{r['steps']}, {r['steady']['seconds']:.1f} s")
+                if r.get("steady")
+                else "run too short"
+            ),
+        ),
         row("tokens/s, steady", lambda r: f"{r['tokens_per_s']:,.0f}"),
         row("model GFLOPs per token", lambda r: f"{r['model_flops_per_token'] / 1e9:.2f}"),
         row(f"MFU, steady (peak {peak:g} TFLOP/s)" if peak else "MFU, steady", mfu("mfu")),
         row("MFU, whole run", mfu("mfu_whole_run")),
     ]
     if "gpu" in info:
-        lines += [row("GPU allocated at train start", lambda r: f"{r['gpu_allocated_at_train_start_mb']:,.0f} MB"),
-                  row("GPU peak allocated", lambda r: f"{r['gpu_peak_allocated_mb']:,.0f} MB"),
-                  row("GPU peak reserved", lambda r: f"{r['gpu_peak_reserved_mb']:,.0f} MB")]
+        lines += [
+            row("GPU allocated at train start", lambda r: f"{r['gpu_allocated_at_train_start_mb']:,.0f} MB"),
+            row("GPU peak allocated", lambda r: f"{r['gpu_peak_allocated_mb']:,.0f} MB"),
+            row("GPU peak reserved", lambda r: f"{r['gpu_peak_reserved_mb']:,.0f} MB"),
+        ]
     else:
         lines.append(row("peak RSS (end of training)", lambda r: f"{r['peak_rss_mb']:,.0f} MB"))
     lines += [
@@ -399,9 +497,12 @@ def report_text(args, summary: dict, trl_r: dict, sft_r: dict) -> str:
         "",
         f"MFU = (6 N + 12 L d s) x tokens/s / peak: N linear weights incl. the LM head, L layers, d attention width, "
         f"s the token's conversation length; peak = {peak or 'unknown'} TFLOP/s dense bf16 (datasheet)"
-        + (f"; this GPU's 8192^3 bf16 matrix product ran at {matmul:.0f} TFLOP/s here (sftlab's steady MFU "
-           f"against it: {sft_r['model_flops_per_token'] * sft_r['tokens_per_s'] / (matmul * 1e12):.1%})"
-           if matmul else ""),
+        + (
+            f"; this GPU's 8192^3 bf16 matrix product ran at {matmul:.0f} TFLOP/s here (sftlab's steady MFU "
+            f"against it: {sft_r['model_flops_per_token'] * sft_r['tokens_per_s'] / (matmul * 1e12):.1%})"
+            if matmul
+            else ""
+        ),
         f"ratios (sftlab / TRL): tokens/s (steady) x{summary['ratios']['tokens_per_s']:.2f}; peak memory "
         f"x{summary['ratios']['peak_memory']:.2f}; token counts differ by {summary['ratios']['token_count_gap']:.2%}",
         f"targets:    tokens/s >= x{SPEEDUP_TARGET:g}: {verdict(checks['throughput'])}; peak memory <= "
@@ -439,26 +540,43 @@ def conversation_stats(tokenizer, rows: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dry-run", action="store_true", help="the same code path on a CPU: tiny Qwen2, a few steps")
     parser.add_argument("--train-examples", type=int, default=None, help="default 1200 (dry run 12)")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default: "
-                        "from the table by device name)")
-    parser.add_argument("--sftlab-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of sftlab's config (repeatable), to measure another choice")
-    parser.add_argument("--out", type=Path, default=None, help="report path (default bench/results/gpu_<device>.txt; "
-                        "a dry run writes to a temporary folder); the JSON goes next to it")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense bf16 peak (default: from the table by device name)",
+    )
+    parser.add_argument(
+        "--sftlab-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of sftlab's config (repeatable), to measure another choice",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="report path (default bench/results/gpu_<device>.txt; "
+        "a dry run writes to a temporary folder); the JSON goes next to it",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep the generated model, data and runs here")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
     missing = missing_modules(import_them=not args.dry_run)
     if missing:
-        print("bench/gpu.py cannot run here; missing: " + "; ".join(missing) + ".\nCarry them as wheels: run "
-              "`bash bench/gpu_wheels.sh` on a machine with pip, then install them as this script's docstring says.",
-              file=sys.stderr)
+        print(
+            "bench/gpu.py cannot run here; missing: " + "; ".join(missing) + ".\nCarry them as wheels: run "
+            "`bash bench/gpu_wheels.sh` on a machine with pip, then install them as this script's docstring says.",
+            file=sys.stderr,
+        )
         return 2
     import torch
 
@@ -477,16 +595,29 @@ def main(argv: list[str] | None = None) -> int:
         eval_rows = smoltalk_shaped_conversations(tokenizer, shape.eval_examples, args.seed + 1_000_003, shape)
         write_jsonl(workdir / "train.jsonl", train_rows)
         write_jsonl(workdir / "eval.jsonl", eval_rows)
-        data = {"model": "DeepSeek-R1-Distill-Qwen-1.5B's shape" if not args.dry_run else "a tiny Qwen2 (dry run)",
-                "tokenizer_size": len(tokenizer), "max_length": shape.max_length, "median": shape.median,
-                "p95": shape.p95, "min_tokens": shape.min_tokens,
-                "train": conversation_stats(tokenizer, train_rows), "eval": conversation_stats(tokenizer, eval_rows)}
+        data = {
+            "model": "DeepSeek-R1-Distill-Qwen-1.5B's shape" if not args.dry_run else "a tiny Qwen2 (dry run)",
+            "tokenizer_size": len(tokenizer),
+            "max_length": shape.max_length,
+            "median": shape.median,
+            "p95": shape.p95,
+            "min_tokens": shape.min_tokens,
+            "train": conversation_stats(tokenizer, train_rows),
+            "eval": conversation_stats(tokenizer, eval_rows),
+        }
         print(f"model and data ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-        spec = {"model": str(model_dir), "train": str(workdir / "train.jsonl"), "eval": str(workdir / "eval.jsonl"),
-                "max_length": shape.max_length, "learning_rate": LEARNING_RATE, "seed": args.seed}
+        spec = {
+            "model": str(model_dir),
+            "train": str(workdir / "train.jsonl"),
+            "eval": str(workdir / "eval.jsonl"),
+            "max_length": shape.max_length,
+            "learning_rate": LEARNING_RATE,
+            "seed": args.seed,
+        }
         trl_r = run_worker("trl", {**spec, "output_dir": str(workdir / "run-trl")}, workdir)
-        sft_r = run_worker("sftlab", {**spec, "output_dir": str(workdir / "run-sftlab"), "sftlab_set": args.sftlab_set},
-                           workdir)
+        sft_r = run_worker(
+            "sftlab", {**spec, "output_dir": str(workdir / "run-sftlab"), "sftlab_set": args.sftlab_set}, workdir
+        )
         info = gpu_info({**machine_info(), "sftlab_source": provenance["description"]})
         info["matmul_tflops"] = matmul_tflops()
         report, summary = summarize(args, info, data, trl_r, sft_r, time.perf_counter() - started)
@@ -494,8 +625,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     print("\n" + report)
-    out = args.out or (Path(tempfile.mkdtemp(prefix="gpu-bench-")) / "gpu_dry-run.txt" if args.dry_run
-                       else RESULTS / f"gpu_{device_slug(info['gpu'])}.txt")
+    out = args.out or (
+        Path(tempfile.mkdtemp(prefix="gpu-bench-")) / "gpu_dry-run.txt"
+        if args.dry_run
+        else RESULTS / f"gpu_{device_slug(info['gpu'])}.txt"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report, encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")

@@ -124,9 +124,19 @@ MODELS = {
     "smollm2": {"train_examples": 48, "eval_examples": 32, "max_length": 1024},
     "deepseek-shape": {"train_examples": 2000, "eval_examples": 32, "max_length": 2048},
 }
-DEEPSEEK_SHAPE = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                      intermediate_size=8960, vocab_size=151936, max_position_embeddings=131072, rope_theta=10000.0,
-                      rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False)
+DEEPSEEK_SHAPE = dict(
+    hidden_size=1536,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    intermediate_size=8960,
+    vocab_size=151936,
+    max_position_embeddings=131072,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    use_sliding_window=False,
+)
 H100_SXM_BF16_TFLOPS = 989.0
 
 WORDS = """
@@ -213,7 +223,9 @@ def make_conversations(tokenizer, count: int, seed: int, max_tokens: int = MAX_T
     """Seeded conversations whose rendered length ~ log-normal(median 250, p95 1000), clipped to [32, max_tokens]."""
     rng = random.Random(seed)
     sigma = math.log(P95_TOKENS / MEDIAN_TOKENS) / 1.6448536
-    overhead = len(rendered_ids(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}])) - 2
+    overhead = (
+        len(rendered_ids(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}])) - 2
+    )
     rows = []
     for _ in range(count):
         target = min(max(round(rng.lognormvariate(math.log(MEDIAN_TOKENS), sigma)), MIN_TOKENS), max_tokens)
@@ -248,8 +260,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def length_stats(lengths: list[int]) -> dict:
-    return {"examples": len(lengths), "tokens": sum(lengths), "min": min(lengths), "median": percentile(lengths, 0.5),
-            "p95": percentile(lengths, 0.95), "max": max(lengths), "mean": sum(lengths) / len(lengths)}
+    return {
+        "examples": len(lengths),
+        "tokens": sum(lengths),
+        "min": min(lengths),
+        "median": percentile(lengths, 0.5),
+        "p95": percentile(lengths, 0.95),
+        "max": max(lengths),
+        "mean": sum(lengths) / len(lengths),
+    }
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -295,8 +314,12 @@ def build_deepseek_shape(directory: Path) -> Path:
 
     tokenizer = load_tokenizer(ModelConfig())
     add_default_chat_template(tokenizer)
-    config = Qwen2Config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **DEEPSEEK_SHAPE)
+    config = Qwen2Config(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **DEEPSEEK_SHAPE,
+    )
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
@@ -336,8 +359,14 @@ def eval_masks(eval_path: str, tokenizer, max_length: int):
     from sftlab.config import DataConfig
     from sftlab.data import prepare_data
 
-    prepared = prepare_data(DataConfig(train=eval_path, eval_split=0.0), tokenizer, assistant_only_loss=True,
-                            seed=0, max_length=max_length, cache_dir=Path(tempfile.mkdtemp(prefix="tp-evalcache-")))
+    prepared = prepare_data(
+        DataConfig(train=eval_path, eval_split=0.0),
+        tokenizer,
+        assistant_only_loss=True,
+        seed=0,
+        max_length=max_length,
+        cache_dir=Path(tempfile.mkdtemp(prefix="tp-evalcache-")),
+    )
     return prepared.train["input_ids"], prepared.train["assistant_masks"]
 
 
@@ -451,9 +480,14 @@ def steady_window(train_start, collator: CountingCollator, accumulation: int) ->
     start, end = train_start.steady_from, max(times, default=0)
     if start not in times or end <= start:
         return None
-    tokens = sum(collator.batch_tokens[start * accumulation:])  # every micro-batch after the first steps
-    return {"from_step": start, "steps": end - start, "tokens": tokens, "seconds": times[end] - times[start],
-            "tokens_per_s": tokens / (times[end] - times[start])}
+    tokens = sum(collator.batch_tokens[start * accumulation :])  # every micro-batch after the first steps
+    return {
+        "from_step": start,
+        "steps": end - start,
+        "tokens": tokens,
+        "seconds": times[end] - times[start],
+        "tokens_per_s": tokens / (times[end] - times[start]),
+    }
 
 
 def dataset_tokens(dataset) -> dict:
@@ -495,29 +529,45 @@ def worker(kind: str, spec: dict) -> dict:
         from trl import SFTConfig
 
         args = SFTConfig(
-            output_dir=spec["output_dir"], per_device_train_batch_size=BATCH_SIZE, packing=False,
-            max_length=spec["max_length"], learning_rate=spec["learning_rate"], num_train_epochs=1,
-            report_to="none", save_strategy="no", seed=spec["seed"], disable_tqdm=True,
+            output_dir=spec["output_dir"],
+            per_device_train_batch_size=BATCH_SIZE,
+            packing=False,
+            max_length=spec["max_length"],
+            learning_rate=spec["learning_rate"],
+            num_train_epochs=1,
+            report_to="none",
+            save_strategy="no",
+            seed=spec["seed"],
+            disable_tqdm=True,
             # transformers refuses bf16 without a GPU unless told to train on the CPU: the one change a
             # TRL user on a CPU must make (its error message says so); bf16 itself stays TRL's default.
             use_cpu=not on_gpu(),
         )
         trainer = recording_trainer_class()(
-            model=model, args=args, train_dataset=datasets.Dataset.from_list(read_jsonl(spec["train"])),
+            model=model,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(read_jsonl(spec["train"])),
             processing_class=tokenizer,
         )
         output = trainer.train()
     else:
         import trl
 
-        from sftlab.config import resolve_defaults, validate_config
+        from sftlab.config import validate_config
+        from sftlab.resolve import resolve_defaults
         from sftlab.train import train
 
         raw = {
             "model": {"name_or_path": spec["model"]},
             "data": {"train": spec["train"], "eval_split": 0},
-            "training": {"output_dir": spec["output_dir"], "num_train_epochs": 1, "learning_rate": spec["learning_rate"],
-                         "max_length": spec["max_length"], "seed": spec["seed"], "save_strategy": "no"},
+            "training": {
+                "output_dir": spec["output_dir"],
+                "num_train_epochs": 1,
+                "learning_rate": spec["learning_rate"],
+                "max_length": spec["max_length"],
+                "seed": spec["seed"],
+                "save_strategy": "no",
+            },
         }
         from sftlab.config import apply_override
 
@@ -544,33 +594,51 @@ def worker(kind: str, spec: dict) -> dict:
         result["gpu_allocated_at_train_start_mb"] = trainer.train_start.gpu_allocated_mb
     args = trainer.args
     collator = trainer.data_collator
-    result.update({
-        "train_runtime": metrics["train_runtime"],
-        # CPU seconds the process used while training, per wall second: ~ the thread count on an idle
-        # machine; clearly less means other work on the machine took CPU time from this run.
-        "cpu_seconds": trainer.train_start.cpu,
-        "cores_busy": trainer.train_start.cpu / trainer.train_start.wall,
-        "train_loss": metrics.get("train_loss"),
-        "steps": trainer.state.global_step,
-        "dataset": dataset_tokens(trainer.train_dataset),
-        "fed": {"batches": collator.batches, "tokens": collator.tokens, "slots": collator.slots,
-                "loss_tokens": collator.loss_tokens, "longest_batch_row": collator.max_row},
-        "steady": steady_window(trainer.train_start, collator, args.gradient_accumulation_steps),
-        "settings": {"packing": bool(args.packing), "padding_free": bool(getattr(trainer, "padding_free", False)),
-                     "bf16": bool(args.bf16), "activation_checkpointing": bool(args.gradient_checkpointing),
-                     "assistant_only_loss": kind == "sftlab", "per_device_train_batch_size": args.per_device_train_batch_size,
-                     "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                     "sampling": str(getattr(args, "train_sampling_strategy", None)
-                                     or ("group_by_length" if getattr(args, "group_by_length", False) else "random")),
-                     "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
-                     "lr_scheduler_type": str(args.lr_scheduler_type), "max_length": args.max_length,
-                     "device": str(args.device), "attn_implementation": model.config._attn_implementation,
-                     "param_dtype": str(next(model.parameters()).dtype), "torch_threads": torch.get_num_threads()},
-        "linear_weights": linear_weights(model),
-        "layers": model.config.num_hidden_layers,
-        "attention_width": model.config.num_attention_heads * (
-            getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads),
-    })
+    result.update(
+        {
+            "train_runtime": metrics["train_runtime"],
+            # CPU seconds the process used while training, per wall second: ~ the thread count on an idle
+            # machine; clearly less means other work on the machine took CPU time from this run.
+            "cpu_seconds": trainer.train_start.cpu,
+            "cores_busy": trainer.train_start.cpu / trainer.train_start.wall,
+            "train_loss": metrics.get("train_loss"),
+            "steps": trainer.state.global_step,
+            "dataset": dataset_tokens(trainer.train_dataset),
+            "fed": {
+                "batches": collator.batches,
+                "tokens": collator.tokens,
+                "slots": collator.slots,
+                "loss_tokens": collator.loss_tokens,
+                "longest_batch_row": collator.max_row,
+            },
+            "steady": steady_window(trainer.train_start, collator, args.gradient_accumulation_steps),
+            "settings": {
+                "packing": bool(args.packing),
+                "padding_free": bool(getattr(trainer, "padding_free", False)),
+                "bf16": bool(args.bf16),
+                "activation_checkpointing": bool(args.gradient_checkpointing),
+                "assistant_only_loss": kind == "sftlab",
+                "per_device_train_batch_size": args.per_device_train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "sampling": str(
+                    getattr(args, "train_sampling_strategy", None)
+                    or ("group_by_length" if getattr(args, "group_by_length", False) else "random")
+                ),
+                "learning_rate": args.learning_rate,
+                "warmup_steps": args.warmup_steps,
+                "lr_scheduler_type": str(args.lr_scheduler_type),
+                "max_length": args.max_length,
+                "device": str(args.device),
+                "attn_implementation": model.config._attn_implementation,
+                "param_dtype": str(next(model.parameters()).dtype),
+                "torch_threads": torch.get_num_threads(),
+            },
+            "linear_weights": linear_weights(model),
+            "layers": model.config.num_hidden_layers,
+            "attention_width": model.config.num_attention_heads
+            * (getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads),
+        }
+    )
     result.update(eval_loss(model, ids, masks))
     return result
 
@@ -579,7 +647,9 @@ def worker(kind: str, spec: dict) -> dict:
 
 
 def git(*arguments: str) -> str:
-    return subprocess.run(["git", "-C", str(REPO), *arguments], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(REPO), *arguments], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def use_sftlab_source(commit: str | None, workdir: Path) -> dict:
@@ -598,15 +668,19 @@ def use_sftlab_source(commit: str | None, workdir: Path) -> dict:
     full = git("rev-parse", "--verify", f"{commit}^{{commit}}")
     export = workdir / f"sftlab-{full[:12]}"
     export.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", full, "src", "tests"], capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", full, "src", "tests"], capture_output=True, check=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(export)], input=archive, check=True)
     source = str(export / "src")
     sys.path.insert(0, source)
     os.environ["PYTHONPATH"] = os.pathsep.join([source, *filter(None, [os.environ.get("PYTHONPATH")])])
     for name in [n for n in sys.modules if n == "sftlab" or n.startswith("sftlab.")]:
         del sys.modules[name]
-    return {"tests": export / "tests", "description": f"commit {full[:12]} ({git('log', '-1', '--format=%s', full)[:70]}), "
-            "exported with git archive"}
+    return {
+        "tests": export / "tests",
+        "description": f"commit {full[:12]} ({git('log', '-1', '--format=%s', full)[:70]}), exported with git archive",
+    }
 
 
 def package_version(name: str) -> str:
@@ -619,12 +693,21 @@ def package_version(name: str) -> str:
 def machine_info() -> dict:
     import torch
 
-    info = {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "versions": {name: package_version(name) for name in
-                         ("torch", "transformers", "trl", "accelerate", "datasets", "tokenizers", "sftlab")}}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "versions": {
+            name: package_version(name)
+            for name in ("torch", "transformers", "trl", "accelerate", "datasets", "tokenizers", "sftlab")
+        },
+    }
     try:
-        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        info["cpu_model"] = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         info["cpu_model"] = platform.processor()
     info["load_average"] = os.getloadavg()  # other work on the machine skews every number here
@@ -640,8 +723,11 @@ def run_worker(kind: str, spec: dict, workdir: Path) -> dict:
     spec_path.write_text(json.dumps({**spec, "result": str(result_path)}), encoding="utf-8")
     print(f"\n=== {kind}: training in a subprocess ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", str(spec_path)],
-                   check=True, env={**os.environ, "SFTLAB_CACHE_DIR": str(workdir / f"cache-{kind}")})
+    subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", str(spec_path)],
+        check=True,
+        env={**os.environ, "SFTLAB_CACHE_DIR": str(workdir / f"cache-{kind}")},
+    )
     result = json.loads(result_path.read_text(encoding="utf-8"))
     result["process_seconds"] = time.perf_counter() - started
     return result
@@ -649,7 +735,10 @@ def run_worker(kind: str, spec: dict, workdir: Path) -> dict:
 
 def model_flops(result: dict) -> float:
     data = result["dataset"]
-    return 6 * result["linear_weights"] * data["tokens"] + 6 * result["layers"] * result["attention_width"] * data["sum_sq_lengths"]
+    return (
+        6 * result["linear_weights"] * data["tokens"]
+        + 6 * result["layers"] * result["attention_width"] * data["sum_sq_lengths"]
+    )
 
 
 def memory_of(result: dict) -> float:
@@ -677,19 +766,42 @@ def summarize(args, info: dict, data: dict, trl_r: dict, sft_r: dict, seconds: f
         "eval_loss": loss_diff <= args.loss_allowance,
     }
     verdict = all(checks[k] for k in ("throughput", "memory", "eval_loss")) and checks["tokens_agree"]
-    memory_kind = "GPU allocator peak (torch.cuda.max_memory_allocated)" if gpu else "peak RSS (ru_maxrss) of the worker process"
+    memory_kind = (
+        "GPU allocator peak (torch.cuda.max_memory_allocated)" if gpu else "peak RSS (ru_maxrss) of the worker process"
+    )
     summary = {
-        "benchmark": "bench/train_throughput.py", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": args.model, "machine": info, "data": data,
-        "settings": {"seed": args.seed, "learning_rate": LEARNING_RATE, "per_device_train_batch_size": BATCH_SIZE,
-                     "max_length": data["max_length"], "epochs": 1, "loss_allowance_nats": args.loss_allowance,
-                     "peak_tflops": args.peak_tflops, "memory": memory_kind, "sftlab_set": args.sftlab_set},
-        "trl": trl_r, "sftlab": sft_r,
-        "ratios": {"tokens_per_s": speedup, "peak_memory": memory_ratio, "eval_loss_difference": loss_diff,
-                   "token_count_gap": token_gap},
-        "targets": {"tokens_per_s_at_least": SPEEDUP_TARGET, "peak_memory_at_most": MEMORY_TARGET,
-                    "eval_loss_difference_at_most": args.loss_allowance},
-        "checks": checks, "pass": verdict, "wall_seconds": seconds,
+        "benchmark": "bench/train_throughput.py",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "model": args.model,
+        "machine": info,
+        "data": data,
+        "settings": {
+            "seed": args.seed,
+            "learning_rate": LEARNING_RATE,
+            "per_device_train_batch_size": BATCH_SIZE,
+            "max_length": data["max_length"],
+            "epochs": 1,
+            "loss_allowance_nats": args.loss_allowance,
+            "peak_tflops": args.peak_tflops,
+            "memory": memory_kind,
+            "sftlab_set": args.sftlab_set,
+        },
+        "trl": trl_r,
+        "sftlab": sft_r,
+        "ratios": {
+            "tokens_per_s": speedup,
+            "peak_memory": memory_ratio,
+            "eval_loss_difference": loss_diff,
+            "token_count_gap": token_gap,
+        },
+        "targets": {
+            "tokens_per_s_at_least": SPEEDUP_TARGET,
+            "peak_memory_at_most": MEMORY_TARGET,
+            "eval_loss_difference_at_most": args.loss_allowance,
+        },
+        "checks": checks,
+        "pass": verdict,
+        "wall_seconds": seconds,
     }
 
     def mb(x):
@@ -720,23 +832,41 @@ def summarize(args, info: dict, data: dict, trl_r: dict, sft_r: dict, seconds: f
     ]
     for split in ("train", "eval"):
         s = data[split]
-        lines.append(f"  {split:<6}{s['examples']:>6,} conversations, {s['tokens']:>9,} tokens rendered; length min {s['min']}, "
-                     f"median {s['median']:.0f}, p95 {s['p95']:.0f}, max {s['max']}, mean {s['mean']:.0f}")
+        lines.append(
+            f"  {split:<6}{s['examples']:>6,} conversations, {s['tokens']:>9,} tokens rendered; length min {s['min']}, "
+            f"median {s['median']:.0f}, p95 {s['p95']:.0f}, max {s['max']}, mean {s['mean']:.0f}"
+        )
     lines += [
         f"settings:   one epoch, learning rate {LEARNING_RATE:g}, per_device_train_batch_size {BATCH_SIZE}, "
         f"max_length {data['max_length']}; memory = {memory_kind}",
         *([f"sftlab --set: {', '.join(args.sftlab_set)} (not sftlab's defaults)"] if args.sftlab_set else []),
         "",
         f"  {'':<34}{'TRL (chapter)':>22}{'sftlab default' if not args.sftlab_set else 'sftlab --set':>22}",
-        row("packing / padding-free", lambda r: f"{onoff(r['settings']['packing'])} / {onoff(r['settings']['padding_free'])}"),
-        row("precision / param dtype", lambda r: f"{'bf16 autocast' if r['settings']['bf16'] else 'fp32'} / "
-            f"{r['settings']['param_dtype'].replace('torch.', '').replace('float32', 'fp32')}"),
+        row(
+            "packing / padding-free",
+            lambda r: f"{onoff(r['settings']['packing'])} / {onoff(r['settings']['padding_free'])}",
+        ),
+        row(
+            "precision / param dtype",
+            lambda r: (
+                f"{'bf16 autocast' if r['settings']['bf16'] else 'fp32'} / "
+                f"{r['settings']['param_dtype'].replace('torch.', '').replace('float32', 'fp32')}"
+            ),
+        ),
         row("activation checkpointing", lambda r: onoff(r["settings"]["activation_checkpointing"])),
-        row("micro-batch x accumulation", lambda r: f"{r['settings']['per_device_train_batch_size']} x "
-            f"{r['settings'].get('gradient_accumulation_steps', 1)}"),
+        row(
+            "micro-batch x accumulation",
+            lambda r: (
+                f"{r['settings']['per_device_train_batch_size']} x "
+                f"{r['settings'].get('gradient_accumulation_steps', 1)}"
+            ),
+        ),
         row("batches", lambda r: r["settings"].get("sampling", "?")),
         row("loss on", lambda r: "assistant" if r["settings"]["assistant_only_loss"] else "all tokens"),
-        row("warmup steps / attention", lambda r: f"{r['settings']['warmup_steps']:g} / {r['settings']['attn_implementation']}"),
+        row(
+            "warmup steps / attention",
+            lambda r: f"{r['settings']['warmup_steps']:g} / {r['settings']['attn_implementation']}",
+        ),
         row("rows (conversations)", lambda r: f"{r['dataset']['rows']:,} ({r['dataset']['conversations']:,})"),
         row("optimizer steps", lambda r: f"{r['steps']:,}"),
         row("tokens (non-padding)", lambda r: f"{r['tokens']:,}"),
@@ -776,24 +906,45 @@ def summarize(args, info: dict, data: dict, trl_r: dict, sft_r: dict, seconds: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
-    parser.add_argument("--train-examples", type=int, default=None, help="default: tiny 2000, smollm2 48, deepseek-shape 2000")
+    parser.add_argument(
+        "--train-examples", type=int, default=None, help="default: tiny 2000, smollm2 48, deepseek-shape 2000"
+    )
     parser.add_argument("--eval-examples", type=int, default=None, help="default 32")
     parser.add_argument("--seed", type=int, default=1234, help="data seed; both trainers also use it as their seed")
-    parser.add_argument("--out", type=Path, default=None, help="report path (default bench/results/train_throughput_<model>.txt); "
-                        "the JSON goes next to it")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help=f"accelerator's dense bf16 peak for MFU (default {H100_SXM_BF16_TFLOPS:g} on a GPU, none on CPU)")
-    parser.add_argument("--loss-allowance", type=float, default=0.02, help="eval loss noise allowance in nats (default 0.02)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="report path (default bench/results/train_throughput_<model>.txt); the JSON goes next to it",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help=f"accelerator's dense bf16 peak for MFU (default {H100_SXM_BF16_TFLOPS:g} on a GPU, none on CPU)",
+    )
+    parser.add_argument(
+        "--loss-allowance", type=float, default=0.02, help="eval loss noise allowance in nats (default 0.02)"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep the generated model, data and runs here")
-    parser.add_argument("--sftlab-commit", default=None,
-                        help="measure sftlab (src/ and tests/) as committed at this git commit, exported with "
-                        "`git archive`, instead of the working tree (which another change may be editing)")
-    parser.add_argument("--sftlab-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of sftlab's config, as `sftlab train --set` does (repeatable), to measure "
-                        "a proposed change to a default; the report names the overrides")
+    parser.add_argument(
+        "--sftlab-commit",
+        default=None,
+        help="measure sftlab (src/ and tests/) as committed at this git commit, exported with "
+        "`git archive`, instead of the working tree (which another change may be editing)",
+    )
+    parser.add_argument(
+        "--sftlab-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of sftlab's config, as `sftlab train --set` does (repeatable), to measure "
+        "a proposed change to a default; the report names the overrides",
+    )
     parser.add_argument("--worker", choices=["trl", "sftlab"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -831,14 +982,25 @@ def main(argv: list[str] | None = None) -> int:
         eval_rows = make_conversations(tokenizer, eval_n, seed=args.seed + 1_000_003)
         write_jsonl(workdir / "train.jsonl", train_rows)
         write_jsonl(workdir / "eval.jsonl", eval_rows)
-        data = {"model_source": model_source, "max_length": max_length, "max_tokens": MAX_TOKENS,
-                "train": length_stats([len(rendered_ids(tokenizer, r["messages"])) for r in train_rows]),
-                "eval": length_stats([len(rendered_ids(tokenizer, r["messages"])) for r in eval_rows])}
-        spec = {"model": model_source, "train": str(workdir / "train.jsonl"), "eval": str(workdir / "eval.jsonl"),
-                "max_length": max_length, "learning_rate": LEARNING_RATE, "seed": args.seed}
+        data = {
+            "model_source": model_source,
+            "max_length": max_length,
+            "max_tokens": MAX_TOKENS,
+            "train": length_stats([len(rendered_ids(tokenizer, r["messages"])) for r in train_rows]),
+            "eval": length_stats([len(rendered_ids(tokenizer, r["messages"])) for r in eval_rows]),
+        }
+        spec = {
+            "model": model_source,
+            "train": str(workdir / "train.jsonl"),
+            "eval": str(workdir / "eval.jsonl"),
+            "max_length": max_length,
+            "learning_rate": LEARNING_RATE,
+            "seed": args.seed,
+        }
         trl_r = run_worker("trl", {**spec, "output_dir": str(workdir / "run-trl"), "base_eval": True}, workdir)
-        sft_r = run_worker("sftlab", {**spec, "output_dir": str(workdir / "run-sftlab"), "sftlab_set": args.sftlab_set},
-                           workdir)
+        sft_r = run_worker(
+            "sftlab", {**spec, "output_dir": str(workdir / "run-sftlab"), "sftlab_set": args.sftlab_set}, workdir
+        )
         info = machine_info()
         info["load_before"] = load_before
         info["sftlab_source"] = provenance["description"]

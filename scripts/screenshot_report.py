@@ -36,9 +36,17 @@ def screenshot(html: Path, output: Path, width: int, height: int) -> Path:
     output = output.resolve()
     with tempfile.TemporaryDirectory(prefix="sftlab-chromium-") as profile:
         command = [
-            find_chromium(), "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars",
-            f"--user-data-dir={profile}", "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
-            f"--window-size={width},{height}", f"--screenshot={output}", html.resolve().as_uri(),
+            find_chromium(),
+            "--headless",
+            "--disable-gpu",
+            "--no-sandbox",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            "--proxy-server=127.0.0.1:9",
+            "--proxy-bypass-list=<-loopback>",
+            f"--window-size={width},{height}",
+            f"--screenshot={output}",
+            html.resolve().as_uri(),
         ]
         subprocess.run(command, check=True, capture_output=True, timeout=120)
     return output

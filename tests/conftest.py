@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -35,7 +34,8 @@ if os.environ.get("CI", "").lower() == "true":
     settings.load_profile("ci")
 
 CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -61,33 +61,65 @@ def build_tiny_model(directory: Path, chat_template: str | None = CHATML, model_
         from tokenizers import Regex
         from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-        bpe.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(corpus_lines(), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     if chat_template:
         tokenizer.chat_template = chat_template
     shapes = {
-        "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
+        "llama": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+        ),
         # Qwen2 (DeepSeek-R1-Distill-Qwen's architecture): biased q/k/v projections, an untied LM head
-        "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-                      use_sliding_window=False),
+        "qwen2": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+        ),
         # OPT: learned absolute positions; lets packed examples attend to each other (the chapter's packing example)
-        "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
-                    max_position_embeddings=1024),
+        "opt": dict(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=1024,
+        ),
     }
     config = AutoConfig.for_model(
-        model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **shapes[model_type],
+        model_type,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **shapes[model_type],
     )
     import torch
 
@@ -107,10 +139,14 @@ def tiny_model(tmp_path_factory) -> Path:
 def chat_rows(count: int, offset: int = 0) -> list[dict]:
     rows = []
     for index in range(offset, offset + count):
-        rows.append({"messages": [
-            {"role": "user", "content": f"What is {index} plus {index}?"},
-            {"role": "assistant", "content": f"{index} plus {index} is {2 * index}."},
-        ]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {index} plus {index}?"},
+                    {"role": "assistant", "content": f"{index} plus {index} is {2 * index}."},
+                ]
+            }
+        )
     return rows
 
 
@@ -121,8 +157,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture
 def chat_data(tmp_path) -> dict[str, Path]:
-    return {"train": write_jsonl(tmp_path / "train.jsonl", chat_rows(48)),
-            "eval": write_jsonl(tmp_path / "eval.jsonl", chat_rows(8, offset=1000))}
+    return {
+        "train": write_jsonl(tmp_path / "train.jsonl", chat_rows(48)),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", chat_rows(8, offset=1000)),
+    }
 
 
 def write_config(path: Path, text: str) -> Path:
@@ -133,14 +171,16 @@ def write_config(path: Path, text: str) -> Path:
 @pytest.fixture
 def tiny_config(tmp_path, tiny_model, chat_data) -> Path:
     """A complete config training the tiny model for a few steps."""
-    return write_config(tmp_path / "config.yaml", f"""
+    return write_config(
+        tmp_path / "config.yaml",
+        f"""
 model:
   name_or_path: {tiny_model}
 data:
-  train: {chat_data['train']}
-  eval: {chat_data['eval']}
+  train: {chat_data["train"]}
+  eval: {chat_data["eval"]}
 training:
-  output_dir: {tmp_path / 'run'}
+  output_dir: {tmp_path / "run"}
   max_steps: 6
   per_device_train_batch_size: 4
   learning_rate: 1.0e-3
@@ -148,7 +188,8 @@ training:
   eval_steps: 3
   save_steps: 3
   max_length: 128
-""")
+""",
+    )
 
 
 def sftlab_in_process(*args) -> tuple[int, str, str]:

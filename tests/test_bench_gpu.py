@@ -28,10 +28,18 @@ def test_the_hard_coded_shape_is_deepseek_r1_distill_qwen_1_5b_with_its_1_78b_we
     assert model.config.rope_parameters["rope_theta"] == 10000.0 and model.config.sliding_window is None
 
 
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
-    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0), ("Tesla T4", None),
-])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L4", 121.0),
+        ("Tesla T4", None),
+    ],
+)
 def test_the_peak_comes_from_the_device_name(name, peak):
     assert gpu.peak_tflops_for(name) == peak
     assert gpu.device_slug("NVIDIA H200") == "nvidia-h200"
@@ -39,8 +47,12 @@ def test_the_peak_comes_from_the_device_name(name, peak):
 
 def test_model_flops_per_token_are_6n_plus_attention_over_each_conversation():
     # Two conversations of 100 and 300 tokens: 12 L d (100^2 + 300^2) over 400 tokens, plus 6 N.
-    result = {"linear_weights": 1_000_000, "layers": 2, "attention_width": 64,
-              "dataset": {"tokens": 400, "sum_sq_lengths": 100**2 + 300**2}}
+    result = {
+        "linear_weights": 1_000_000,
+        "layers": 2,
+        "attention_width": 64,
+        "dataset": {"tokens": 400, "sum_sq_lengths": 100**2 + 300**2},
+    }
     assert gpu.model_flops_per_token(result) == 6 * 1_000_000 + 12 * 2 * 64 * (100**2 + 300**2) / 400
 
 
@@ -58,8 +70,13 @@ def test_conversations_are_multi_turn_and_within_their_length_bounds(tmp_path):
 
 def test_the_dry_run_trains_both_variants_and_writes_the_report(tmp_path):
     out = tmp_path / "gpu.txt"
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--dry-run", "--out", str(out)],
-                            capture_output=True, text=True, timeout=900, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu.py"), "--dry-run", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(out.with_suffix(".json").read_text())
     trl, sftlab = summary["trl"], summary["sftlab"]

@@ -16,7 +16,7 @@ def trained_run(tmp_path_factory, tiny_model):
     data = write_jsonl(root / "train.jsonl", chat_rows(24))
     (root / "c.yaml").write_text(f"""model: {{name_or_path: {tiny_model}}}
 data: {{train: {data}, eval_split: 0}}
-training: {{output_dir: {root / 'run'}, max_steps: 4, per_device_train_batch_size: 4, learning_rate: 1.0e-3,
+training: {{output_dir: {root / "run"}, max_steps: 4, per_device_train_batch_size: 4, learning_rate: 1.0e-3,
             logging_steps: 2, save_steps: 4, max_length: 128}}
 """)
     return train(load_config(root / "c.yaml")).run_dir
@@ -24,8 +24,12 @@ training: {{output_dir: {root / 'run'}, max_steps: 4, per_device_train_batch_siz
 
 def test_chat_streams_each_answer_keeps_the_conversation_and_starts_over_on_reset(trained_run):
     out = io.StringIO()
-    messages = chat(trained_run, lines=["What is 3 plus 3?", "And 4 plus 4?", "/reset", "What is 5 plus 5?", "/exit",
-                                        "never read"], out=out, max_new_tokens=8)
+    messages = chat(
+        trained_run,
+        lines=["What is 3 plus 3?", "And 4 plus 4?", "/reset", "What is 5 plus 5?", "/exit", "never read"],
+        out=out,
+        max_new_tokens=8,
+    )
     text = out.getvalue()
     assert text.count("model> ") == 3 and "(new conversation)" in text
     # After /reset only the last exchange remains, and what was streamed is what the model said.
@@ -53,10 +57,19 @@ def test_sftlab_chat_reads_the_terminal_until_end_of_input(trained_run):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "sftlab.cli", "chat", str(trained_run), "--max-new-tokens", "4"],
-                          input="What is 2 plus 2?\n", capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "sftlab.cli", "chat", str(trained_run), "--max-new-tokens", "4"],
+        input="What is 2 plus 2?\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "model> " in done.stdout
-    missing = subprocess.run([sys.executable, "-m", "sftlab.cli", "chat", str(trained_run / "nope")],
-                             capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(
+        [sys.executable, "-m", "sftlab.cli", "chat", str(trained_run / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert missing.returncode == 2 and "Traceback" not in missing.stderr

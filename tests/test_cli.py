@@ -13,8 +13,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def sftlab(*args, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "sftlab.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "sftlab.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
 
 
 def assert_one_clean_error(result, *fragments):
@@ -33,7 +39,9 @@ def test_help_lists_the_commands():
 
 
 def test_train_with_a_missing_config_exits_2_with_one_message(tmp_path):
-    assert_one_clean_error(sftlab("train", "missing.yaml", cwd=tmp_path), "config file not found: missing.yaml", "hint:")
+    assert_one_clean_error(
+        sftlab("train", "missing.yaml", cwd=tmp_path), "config file not found: missing.yaml", "hint:"
+    )
 
 
 def test_a_misspelt_key_exits_2_naming_it(tmp_path):
@@ -49,7 +57,9 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_a_model_missing_offline_exits_2(tmp_path, chat_data):
-    (tmp_path / "c.yaml").write_text(f"model:\n  name_or_path: sftlab-tests/absent\ndata:\n  train: {chat_data['train']}\n")
+    (tmp_path / "c.yaml").write_text(
+        f"model:\n  name_or_path: sftlab-tests/absent\ndata:\n  train: {chat_data['train']}\n"
+    )
     assert_one_clean_error(sftlab("check", "c.yaml", cwd=tmp_path), "not available offline")
 
 
@@ -90,11 +100,28 @@ def test_diagnose_reads_a_plain_trl_run_and_an_sftlab_run(tmp_path, tiny_model, 
     from trl import SFTConfig, SFTTrainer
 
     data = load_dataset("json", data_files={"train": str(chat_data["train"]), "test": str(chat_data["eval"])})
-    args = SFTConfig(output_dir=str(tmp_path / "trl-run"), max_steps=8, per_device_train_batch_size=4, logging_steps=1,
-                     eval_strategy="steps", eval_steps=2, save_steps=8, report_to="none", use_cpu=True, bf16=False,
-                     gradient_checkpointing=False, learning_rate=1e-3, disable_tqdm=True)
-    SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model), args=args, train_dataset=data["train"],
-               eval_dataset=data["test"], processing_class=AutoTokenizer.from_pretrained(tiny_model)).train()
+    args = SFTConfig(
+        output_dir=str(tmp_path / "trl-run"),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=8,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        learning_rate=1e-3,
+        disable_tqdm=True,
+    )
+    SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model),
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["test"],
+        processing_class=AutoTokenizer.from_pretrained(tiny_model),
+    ).train()
     state = tmp_path / "trl-run" / "checkpoint-8" / "trainer_state.json"
 
     text = sftlab("diagnose", state)

@@ -19,13 +19,20 @@ def trained_text(tokenizer, ids, mask):
 
 
 def test_only_assistant_content_and_end_of_turn_are_trained(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is 2 plus 2?"},
-        {"role": "assistant", "content": "4."},
-        {"role": "user", "content": "And 3 plus 3?"},
-        {"role": "assistant", "content": "6."},
-    ]}])
+    path = write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "What is 2 plus 2?"},
+                    {"role": "assistant", "content": "4."},
+                    {"role": "user", "content": "And 3 plus 3?"},
+                    {"role": "assistant", "content": "6."},
+                ]
+            }
+        ],
+    )
     data = prepare_data(DataConfig(train=str(path), eval_split=0), tokenizer)
     row = data.train[0]
     assert trained_text(tokenizer, row["input_ids"], row["assistant_masks"]) == "4.<|im_end|>6.<|im_end|>"
@@ -57,7 +64,9 @@ def test_invalid_json_line_names_file_and_line(tmp_path, tokenizer):
         prepare_data(DataConfig(train=str(path)), tokenizer)
     data = prepare_data(DataConfig(train=str(path), on_error="skip", eval_split=0), tokenizer)
     assert data.audit["splits"]["train"]["rows"] == 3
-    assert data.audit["problems"] == [{"file": str(path), "line": 3, "message": "invalid JSON: Expecting value at column 15"}]
+    assert data.audit["problems"] == [
+        {"file": str(path), "line": 3, "message": "invalid JSON: Expecting value at column 15"}
+    ]
 
 
 def test_missing_data_file_is_a_data_error(tmp_path, tokenizer):

@@ -20,10 +20,10 @@ from bisect import bisect_left
 from pathlib import Path
 
 import pytest
-from conftest import chat_rows, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import chat_rows, write_jsonl
 from sftlab.config import DataConfig, ModelConfig
 from sftlab.data import ExampleSequence, prepare_data
 from sftlab.errors import DataError

@@ -65,8 +65,14 @@ def all_texts(tokenizer, dataset) -> list[str]:
 
 def sftlab(*args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "sftlab.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sftlab.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
 
 
 def write_config(path: Path, model: Path, data: dict, training: dict | None = None) -> Path:
@@ -88,8 +94,15 @@ ALPACA_FIELDS = ["instruction", "input", "output", "tag"]
 
 
 def alpaca_rows(count: int, offset: int = 0) -> list[dict]:
-    return [{"instruction": f"Add {i} and {i}.", "input": "" if i % 2 else f"Show the sum of {i} twice.",
-             "output": f"The sum is {2 * i}.", "tag": f"t{i}"} for i in range(offset, offset + count)]
+    return [
+        {
+            "instruction": f"Add {i} and {i}.",
+            "input": "" if i % 2 else f"Show the sum of {i} twice.",
+            "output": f"The sum is {2 * i}.",
+            "tag": f"t{i}",
+        }
+        for i in range(offset, offset + count)
+    ]
 
 
 def write_delimited(path: Path, rows: list[dict], delimiter: str) -> Path:
@@ -127,10 +140,18 @@ def make_source(kind: str, directory: Path) -> tuple[str, str, int]:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind, fmt", [
-    ("jsonl", "messages"), ("json_array", "messages"), ("json_object", "messages"), ("csv", "alpaca"),
-    ("tsv", "alpaca"), ("parquet", "messages"), ("save_to_disk", "messages"),
-])
+@pytest.mark.parametrize(
+    "kind, fmt",
+    [
+        ("jsonl", "messages"),
+        ("json_array", "messages"),
+        ("json_object", "messages"),
+        ("csv", "alpaca"),
+        ("tsv", "alpaca"),
+        ("parquet", "messages"),
+        ("save_to_disk", "messages"),
+    ],
+)
 def test_every_local_source_kind_loads(tmp_path, tokenizer, kind, fmt):
     path, label, first_line = make_source(kind, tmp_path)
     data = prepare(tokenizer, train=path, eval_split=0)
@@ -140,8 +161,11 @@ def test_every_local_source_kind_loads(tmp_path, tokenizer, kind, fmt):
     assert audit["sources"][label] == {"rows": 6, "usable": 6}
     assert audit["problems"] == [] and audit["dropped"]["count"] == 0
     assert (audit["examples"][0]["source"], audit["examples"][0]["line"]) == (label, first_line)
-    expected = {f"{i} plus {i} is {2 * i}.{EOT}" for i in range(6)} if fmt == "messages" else \
-        {f"The sum is {2 * i}.{EOT}" for i in range(6)}
+    expected = (
+        {f"{i} plus {i} is {2 * i}.{EOT}" for i in range(6)}
+        if fmt == "messages"
+        else {f"The sum is {2 * i}.{EOT}" for i in range(6)}
+    )
     assert set(trained_texts(tokenizer, data.train)) == expected
 
 
@@ -155,8 +179,10 @@ def test_a_saved_dataset_dict_uses_its_own_test_split_as_eval(tmp_path, tokenize
     data = prepare(tokenizer, train=str(tmp_path / "saved"))
     assert data.audit["splits"]["train"]["rows"] == 6
     assert data.audit["splits"]["eval"]["rows"] == 2
-    assert [example.messages[0]["content"] for example in data.eval_examples] == \
-        ["What is 100 plus 100?", "What is 101 plus 101?"]
+    assert [example.messages[0]["content"] for example in data.eval_examples] == [
+        "What is 100 plus 100?",
+        "What is 101 plus 101?",
+    ]
     assert {example.source for example in data.eval_examples} == {f"{tmp_path / 'saved'}[test]"}
 
     # With data.eval set, that is the eval data and the dict's own test split is not used.
@@ -175,8 +201,10 @@ def test_a_local_dataset_repository_loads_like_a_hub_dataset(tmp_path, tokenizer
     audit = data.audit
     assert audit["splits"]["train"]["rows"] == 6 and audit["splits"]["eval"]["rows"] == 2
     assert audit["formats"][f"{repo}[train]"] == "messages"
-    assert {example.messages[0]["content"] for example in data.eval_examples} == \
-        {"What is 100 plus 100?", "What is 101 plus 101?"}
+    assert {example.messages[0]["content"] for example in data.eval_examples} == {
+        "What is 100 plus 100?",
+        "What is 101 plus 101?",
+    }
 
     # A split asked for by name: only that one is read, and eval_split carves eval out of it.
     data = prepare(tokenizer, train=[SourceConfig(path=str(repo), split="train")], eval_split=0.5)
@@ -213,7 +241,10 @@ def test_weight_and_fraction_together_is_a_config_error():
 
 def test_weight_and_fraction_together_says_so():
     """The config error names the conflict, not an unrelated union member's complaint."""
-    for train in ([{"path": "a.jsonl", "weight": 2, "fraction": 0.5}], {"path": "a.jsonl", "weight": 2, "fraction": 0.5}):
+    for train in (
+        [{"path": "a.jsonl", "weight": 2, "fraction": 0.5}],
+        {"path": "a.jsonl", "weight": 2, "fraction": 0.5},
+    ):
         with pytest.raises(ConfigError) as error:
             validate_config({"data": {"train": train}})
         assert "weight or fraction" in str(error.value), str(error.value)
@@ -237,25 +268,40 @@ def format_record(case: str, i: int, near: bool = False, bad: bool = False) -> d
     answer = None if bad else answer
     meta = {"id": i, "category": "arithmetic"}
     if case == "messages":
-        return {"messages": [
-            {"role": "system", "content": "Answer briefly."},
-            {"role": "user", "content": question},
-            # The tiny ChatML template does not render tool calls; the content names the tool instead.
-            {"role": "assistant", "content": f"Let me add {i} and {i}.",
-             "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": i, "b": i}}}]},
-            {"role": "tool", "name": "add", "content": str(2 * i)},
-            {"role": "assistant", "content": answer},
-        ], **meta}
+        return {
+            "messages": [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": question},
+                # The tiny ChatML template does not render tool calls; the content names the tool instead.
+                {
+                    "role": "assistant",
+                    "content": f"Let me add {i} and {i}.",
+                    "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": i, "b": i}}}],
+                },
+                {"role": "tool", "name": "add", "content": str(2 * i)},
+                {"role": "assistant", "content": answer},
+            ],
+            **meta,
+        }
     if case == "sharegpt":
-        return {"conversations": [{"from": "system", "value": "Answer briefly."}, {"from": "human", "value": question},
-                                  {"from": "gpt", "value": answer}], **meta}
+        return {
+            "conversations": [
+                {"from": "system", "value": "Answer briefly."},
+                {"from": "human", "value": question},
+                {"from": "gpt", "value": answer},
+            ],
+            **meta,
+        }
     if case == "alpaca":
         return {"instruction": question, "input": "", "output": answer, **meta}
     if case == "prompt_completion":
         return {"prompt": f"Question: {question}\nAnswer:", "completion": None if bad else f" {answer}", **meta}
     if case == "prompt_completion_messages":
-        return {"prompt": [{"role": "user", "content": question}],
-                "completion": [{"role": "assistant", "content": answer}], **meta}
+        return {
+            "prompt": [{"role": "user", "content": question}],
+            "completion": [{"role": "assistant", "content": answer}],
+            **meta,
+        }
     if case == "template":
         return {"question": question, "answer": answer, **meta}
     if case == "text":
@@ -288,8 +334,13 @@ def build_format_case(case: str, directory: Path) -> dict:
     data = {"train": str(train), "eval": str(evaluation), "on_error": "skip"}
     if case == "template":
         data["template"] = TEMPLATE
-    return {"data": data, "train": train, "eval": evaluation, "format": EXPECTED_FORMAT.get(case, case),
-            "trained": sorted(expected_trained(case, i) for i in range(10) if i != 3)}
+    return {
+        "data": data,
+        "train": train,
+        "eval": evaluation,
+        "format": EXPECTED_FORMAT.get(case, case),
+        "trained": sorted(expected_trained(case, i) for i in range(10) if i != 3),
+    }
 
 
 def assert_format_audit(audit: dict, built: dict) -> None:
@@ -301,8 +352,10 @@ def assert_format_audit(audit: dict, built: dict) -> None:
 
     duplicates = audit["duplicates"]
     assert (duplicates["exact"], duplicates["near"], duplicates["leakage"]) == (1, 1, 1)
-    assert {(d["kind"], d["first"], d["again"]) for d in duplicates["examples"]} == \
-        {("exact", f"{train}:2", f"{train}:11"), ("near", f"{train}:3", f"{train}:12")}
+    assert {(d["kind"], d["first"], d["again"]) for d in duplicates["examples"]} == {
+        ("exact", f"{train}:2", f"{train}:11"),
+        ("near", f"{train}:3", f"{train}:12"),
+    }
 
     assert audit["dropped"]["count"] == 4
     reasons = dict(audit["dropped"]["reasons"])
@@ -317,8 +370,12 @@ def assert_format_audit(audit: dict, built: dict) -> None:
 
     for part in ("prompt", "response", "total"):
         assert set(audit["lengths"][part]) >= {"min", "median", "p95", "max"}
-        assert audit["lengths"][part]["min"] <= audit["lengths"][part]["median"] <= audit["lengths"][part]["p95"] \
+        assert (
+            audit["lengths"][part]["min"]
+            <= audit["lengths"][part]["median"]
+            <= audit["lengths"][part]["p95"]
             <= audit["lengths"][part]["max"]
+        )
     assert 0 < audit["trained_token_share"] <= 1
     assert set(audit["truncation"]) >= {"max_length", "examples_over", "tokens_cut", "trained_tokens_cut"}
 
@@ -333,8 +390,11 @@ def test_each_format_is_detected_audited_and_trained_on_the_response(tmp_path, t
     # The audit's numbers are those of the tokenized data the trainer receives.
     ids, masks = data.train["input_ids"], data.train["assistant_masks"]
     assert audit["splits"]["train"]["tokens"] == sum(map(len, ids))
-    for part, values in (("prompt", [len(m) - sum(m) for m in masks]), ("response", [sum(m) for m in masks]),
-                         ("total", [len(i) for i in ids])):
+    for part, values in (
+        ("prompt", [len(m) - sum(m) for m in masks]),
+        ("response", [sum(m) for m in masks]),
+        ("total", [len(i) for i in ids]),
+    ):
         assert {k: audit["lengths"][part][k] for k in ("min", "median", "max")} == distribution(values)
     assert audit["trained_token_share"] == pytest.approx(sum(map(sum, masks)) / sum(map(len, ids)))
     over = [len(row) for row in ids if len(row) > 40]
@@ -351,8 +411,9 @@ def test_each_format_is_detected_audited_and_trained_on_the_response(tmp_path, t
             assert row["input_ids"][-1] == tokenizer.eos_token_id and row["assistant_masks"][-1] == 1
 
     # Columns the format does not use are kept as metadata.
-    assert [example.metadata for example in data.eval_examples] == \
-        [{"id": i, "category": "arithmetic"} for i in (100, 101, 3)]
+    assert [example.metadata for example in data.eval_examples] == [
+        {"id": i, "category": "arithmetic"} for i in (100, 101, 3)
+    ]
 
 
 @pytest.mark.parametrize("case", ["sharegpt", "alpaca"])
@@ -379,8 +440,9 @@ def test_check_json_through_the_cli(tmp_path, tiny_model, case):
 
 
 def test_data_format_overrides_detection(tmp_path, tokenizer):
-    rows = [{"prompt": f"Question {i}?", "completion": f" Answer {i}.", "text": f"Plain text number {i}."}
-            for i in range(4)]
+    rows = [
+        {"prompt": f"Question {i}?", "completion": f" Answer {i}.", "text": f"Plain text number {i}."} for i in range(4)
+    ]
     path = write_jsonl(tmp_path / "both.jsonl", rows)
     detected = prepare(tokenizer, train=str(path), eval_split=0)
     assert detected.audit["formats"] == {str(path): "prompt_completion"}
@@ -393,9 +455,20 @@ def test_data_format_overrides_detection(tmp_path, tokenizer):
 
 
 def test_sharegpt_maps_roles_and_trains_every_gpt_turn(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [
-        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."},
-        {"from": "human", "value": "Bye."}, {"from": "gpt", "value": "Goodbye."}]}])
+    path = write_jsonl(
+        tmp_path / "s.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "system", "value": "Be brief."},
+                    {"from": "human", "value": "Hi."},
+                    {"from": "gpt", "value": "Hello."},
+                    {"from": "human", "value": "Bye."},
+                    {"from": "gpt", "value": "Goodbye."},
+                ]
+            }
+        ],
+    )
     data = prepare(tokenizer, train=str(path), eval_split=0)
     assert trained_texts(tokenizer, data.train) == [f"Hello.{EOT}Goodbye.{EOT}"]
     text = all_texts(tokenizer, data.train)[0]
@@ -415,9 +488,11 @@ def near_key(text: str) -> str:
 
 def test_exact_and_near_duplicates_are_removed_and_counted(tmp_path, tokenizer):
     rows = [conversation(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(10)]
-    rows += [conversation("What is 3 plus 3?", "It is 6."),            # exact
-             conversation("what is 3   PLUS 3", "it is 6"),            # case, spacing, punctuation
-             conversation("What is 4 plus 4?!", "  It is 8 ... ")]     # punctuation and spacing
+    rows += [
+        conversation("What is 3 plus 3?", "It is 6."),  # exact
+        conversation("what is 3   PLUS 3", "it is 6"),  # case, spacing, punctuation
+        conversation("What is 4 plus 4?!", "  It is 8 ... "),
+    ]  # punctuation and spacing
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     data = prepare(tokenizer, train=str(path), eval_split=0)
     audit = data.audit
@@ -434,11 +509,14 @@ def test_exact_and_near_duplicates_are_removed_and_counted(tmp_path, tokenizer):
 
 def test_rows_also_in_eval_are_removed_from_train_as_leakage(tmp_path, tokenizer):
     train = write_jsonl(tmp_path / "train.jsonl", [conversation(f"Question {i}?", f"Answer {i}.") for i in range(10)])
-    evaluation = write_jsonl(tmp_path / "eval.jsonl", [
-        conversation("Question 2?", "Answer 2."),          # exactly in train
-        conversation("QUESTION 5", "answer 5"),            # in train up to case and punctuation
-        conversation("Question 50?", "Answer 50."),
-    ])
+    evaluation = write_jsonl(
+        tmp_path / "eval.jsonl",
+        [
+            conversation("Question 2?", "Answer 2."),  # exactly in train
+            conversation("QUESTION 5", "answer 5"),  # in train up to case and punctuation
+            conversation("Question 50?", "Answer 50."),
+        ],
+    )
     data = prepare(tokenizer, train=str(train), eval=str(evaluation))
     audit = data.audit
     assert audit["duplicates"]["leakage"] == 2
@@ -453,8 +531,10 @@ def test_eval_split_is_seeded_and_made_after_deduplication(tmp_path, tokenizer, 
     monkeypatch.setenv("SFTLAB_NO_CACHE", "1")  # the second run must draw the split again, not load it
     rows = []
     for i in range(30):  # every example twice: once as written, once up to case and punctuation
-        rows += [conversation(f"Tell me about item {i}.", f"Item {i} is fine."),
-                 conversation(f"TELL me about item {i}!!", f"item {i} is fine")]
+        rows += [
+            conversation(f"Tell me about item {i}.", f"Item {i} is fine."),
+            conversation(f"TELL me about item {i}!!", f"item {i} is fine"),
+        ]
     path = write_jsonl(tmp_path / "twice.jsonl", rows)
     first = prepare(tokenizer, train=str(path), eval_split=0.1, seed=7)
     assert first.audit["duplicates"]["near"] == 30
@@ -474,35 +554,100 @@ GOOD_LINES = [json.dumps(row).encode() for row in chat_rows(4)]
 
 BAD_LINES = {
     "truncated_line": (b'{"messages": [{"role": "user", "content": "What is', r"invalid JSON"),
-    "invalid_utf8": (b'{"messages": [{"role": "user", "content": "caf\xe9 \xff"}, '
-                     b'{"role": "assistant", "content": "ok"}]}', r"UTF-8"),
-    "null_text": (json.dumps({"messages": [{"role": "user", "content": None},
-                                           {"role": "assistant", "content": "ok"}]}).encode(), r"null"),
+    "invalid_utf8": (
+        b'{"messages": [{"role": "user", "content": "caf\xe9 \xff"}, {"role": "assistant", "content": "ok"}]}',
+        r"UTF-8",
+    ),
+    "null_text": (
+        json.dumps({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "ok"}]}).encode(),
+        r"null",
+    ),
     "null_conversation": (b'{"messages": null}', r"null"),
-    "ten_megabytes": (json.dumps({"messages": [{"role": "user", "content": "x" * 10_000_000},
-                                               {"role": "assistant", "content": "ok"}]}).encode(), r"too large"),
-    "assistant_first": (json.dumps({"messages": [
-        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi."},
-        {"role": "assistant", "content": "Bye."}]}).encode(), r"out of order"),
-    "two_user_turns": (json.dumps({"messages": [
-        {"role": "user", "content": "Hi."}, {"role": "user", "content": "Hello?"},
-        {"role": "assistant", "content": "Yes."}]}).encode(), r"out of order"),
-    "system_in_the_middle": (json.dumps({"messages": [
-        {"role": "user", "content": "Hi."}, {"role": "system", "content": "Be brief."},
-        {"role": "assistant", "content": "Yes."}]}).encode(), r"out of order"),
-    "unknown_role": (json.dumps({"messages": [{"role": "narrator", "content": "Once upon a time."},
-                                              {"role": "assistant", "content": "Yes."}]}).encode(), r"unknown role"),
-    "no_assistant_turn": (json.dumps({"messages": [{"role": "user", "content": "Hi."}]}).encode(),
-                          r"no assistant turn"),
+    "ten_megabytes": (
+        json.dumps(
+            {"messages": [{"role": "user", "content": "x" * 10_000_000}, {"role": "assistant", "content": "ok"}]}
+        ).encode(),
+        r"too large",
+    ),
+    "assistant_first": (
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": "Hi."},
+                    {"role": "assistant", "content": "Bye."},
+                ]
+            }
+        ).encode(),
+        r"out of order",
+    ),
+    "two_user_turns": (
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi."},
+                    {"role": "user", "content": "Hello?"},
+                    {"role": "assistant", "content": "Yes."},
+                ]
+            }
+        ).encode(),
+        r"out of order",
+    ),
+    "system_in_the_middle": (
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi."},
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "assistant", "content": "Yes."},
+                ]
+            }
+        ).encode(),
+        r"out of order",
+    ),
+    "unknown_role": (
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "narrator", "content": "Once upon a time."},
+                    {"role": "assistant", "content": "Yes."},
+                ]
+            }
+        ).encode(),
+        r"unknown role",
+    ),
+    "no_assistant_turn": (
+        json.dumps({"messages": [{"role": "user", "content": "Hi."}]}).encode(),
+        r"no assistant turn",
+    ),
     "empty_response": (json.dumps(conversation("Hi.", "")).encode(), r"empty"),
     "whitespace_response": (json.dumps(conversation("Hi.", " \n\t ")).encode(), r"empty"),
-    "image_part": (json.dumps({"messages": [
-        {"role": "user", "content": [{"type": "image", "url": "cat.png"}, {"type": "text", "text": "What is this?"}]},
-        {"role": "assistant", "content": "A cat."}]}).encode(), r"non-text content"),
+    "image_part": (
+        json.dumps(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image", "url": "cat.png"}, {"type": "text", "text": "What is this?"}],
+                    },
+                    {"role": "assistant", "content": "A cat."},
+                ]
+            }
+        ).encode(),
+        r"non-text content",
+    ),
     "not_an_object": (b'["user", "assistant"]', r"object"),
-    "tool_calls_not_a_list": (json.dumps({"messages": [{"role": "user", "content": "Add 2 and 2."},
-                                                       {"role": "assistant", "content": "", "tool_calls": 5}]}).encode(),
-                              r"tool"),
+    "tool_calls_not_a_list": (
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Add 2 and 2."},
+                    {"role": "assistant", "content": "", "tool_calls": 5},
+                ]
+            }
+        ).encode(),
+        r"tool",
+    ),
 }
 
 
@@ -547,10 +692,17 @@ def test_a_byte_order_mark_simply_works(tmp_path, tokenizer, suffix):
 
 
 @pytest.mark.parametrize("on_error", ["fail", "skip"])
-@pytest.mark.parametrize("name, content", [
-    ("empty.jsonl", b""), ("empty.json", b""), ("empty.csv", b""), ("empty.parquet", b""),
-    ("blank.jsonl", b"\n  \n\n"), ("header-only.csv", b"instruction,input,output\n"),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("empty.jsonl", b""),
+        ("empty.json", b""),
+        ("empty.csv", b""),
+        ("empty.parquet", b""),
+        ("blank.jsonl", b"\n  \n\n"),
+        ("header-only.csv", b"instruction,input,output\n"),
+    ],
+)
 def test_an_empty_file_is_a_data_error_naming_it(tmp_path, tokenizer, on_error, name, content):
     path = tmp_path / name
     path.write_bytes(content)
@@ -588,8 +740,10 @@ def test_a_malformed_csv_is_a_data_error(tmp_path, tokenizer):
 
 def test_csv_text_keeps_unicode_line_separators(tmp_path, tokenizer):
     """U+2028, form feed and friends are text inside a field (csv.writer does not even quote them), not row ends."""
-    rows = [{"instruction": "Say hi\u2028twice.", "input": "", "output": "Hi\x0chi.", "tag": "a"},
-            {"instruction": "Say bye.", "input": "", "output": "Bye\u2029bye.", "tag": "b"}]
+    rows = [
+        {"instruction": "Say hi\u2028twice.", "input": "", "output": "Hi\x0chi.", "tag": "a"},
+        {"instruction": "Say bye.", "input": "", "output": "Bye\u2029bye.", "tag": "b"},
+    ]
     path = write_delimited(tmp_path / "separators.csv", rows, ",")
     data = prepare(tokenizer, train=str(path), eval_split=0)
     assert data.audit["splits"]["train"]["rows"] == 2
@@ -649,7 +803,9 @@ def test_deeply_nested_json_is_not_a_crash(tmp_path, tokenizer, suffix):
 
 def test_a_lone_surrogate_escape_is_a_bad_row_not_a_crash(tmp_path, tokenizer):
     """JSON may hold "\\ud83d" (half an emoji, e.g. from text cut by a JavaScript tool): not valid text."""
-    bad = b'{"messages": [{"role": "user", "content": "Smile \\ud83d please"}, {"role": "assistant", "content": "OK."}]}'
+    bad = (
+        b'{"messages": [{"role": "user", "content": "Smile \\ud83d please"}, {"role": "assistant", "content": "OK."}]}'
+    )
     path = write_with_bad_line(tmp_path / "surrogate.jsonl", bad)
     with pytest.raises(DataError) as error:
         prepare(tokenizer, train=str(path), eval_split=0)
@@ -682,56 +838,125 @@ def test_max_example_chars_applies_to_every_source_kind(tmp_path, tokenizer, hf_
 
 # =========================================================================== 5. property-based: only DataError
 
-KNOWN_KEYS = ["messages", "conversations", "instruction", "input", "output", "system", "prompt", "completion",
-              "text", "question", "answer", "tools", "role", "content"]
+KNOWN_KEYS = [
+    "messages",
+    "conversations",
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "prompt",
+    "completion",
+    "text",
+    "question",
+    "answer",
+    "tools",
+    "role",
+    "content",
+]
 scalars = st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=False) | st.text(max_size=12)
 json_values = st.recursive(
     scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.sampled_from(KNOWN_KEYS) | st.text(max_size=6), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(KNOWN_KEYS) | st.text(max_size=6), children, max_size=4)
+    ),
     max_leaves=12,
 )
-roles = st.sampled_from(["system", "user", "assistant", "tool", "human", "gpt", "function_call", "observation",
-                         "narrator", "", "USER"]) | scalars
+roles = (
+    st.sampled_from(
+        ["system", "user", "assistant", "tool", "human", "gpt", "function_call", "observation", "narrator", "", "USER"]
+    )
+    | scalars
+)
 content_parts = st.lists(
-    st.text(max_size=8) | st.integers()
-    | st.fixed_dictionaries({"type": st.sampled_from(["text", "image", "image_url", "audio"])},
-                            optional={"text": scalars, "url": st.text(max_size=5)}),
+    st.text(max_size=8)
+    | st.integers()
+    | st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "image", "image_url", "audio"])},
+        optional={"text": scalars, "url": st.text(max_size=5)},
+    ),
     max_size=3,
 )
-contents = st.text(max_size=16) | st.just("   ") | st.none() | st.integers() | content_parts \
+contents = (
+    st.text(max_size=16)
+    | st.just("   ")
+    | st.none()
+    | st.integers()
+    | content_parts
     | st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2)
-tool_calls = st.none() | st.text(max_size=4) | st.integers() | st.booleans() | st.lists(json_values, max_size=2) \
-    | st.lists(st.fixed_dictionaries({"type": st.just("function")}, optional={
-        "function": st.fixed_dictionaries({}, optional={"name": scalars, "arguments": json_values}) | json_values,
-        "id": scalars}), max_size=2)
-turns = st.fixed_dictionaries({}, optional={
-    "role": roles, "content": contents, "from": roles, "value": contents,
-    "tool_calls": tool_calls, "name": scalars, "tool_call_id": scalars,
-})
+)
+tool_calls = (
+    st.none()
+    | st.text(max_size=4)
+    | st.integers()
+    | st.booleans()
+    | st.lists(json_values, max_size=2)
+    | st.lists(
+        st.fixed_dictionaries(
+            {"type": st.just("function")},
+            optional={
+                "function": st.fixed_dictionaries({}, optional={"name": scalars, "arguments": json_values})
+                | json_values,
+                "id": scalars,
+            },
+        ),
+        max_size=2,
+    )
+)
+turns = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": roles,
+        "content": contents,
+        "from": roles,
+        "value": contents,
+        "tool_calls": tool_calls,
+        "name": scalars,
+        "tool_call_id": scalars,
+    },
+)
 
 
 def plausible_turn(role: str):
     """Mostly a valid turn, sometimes with one field of a random shape: reaches rendering and tokenizing."""
     return st.fixed_dictionaries(
-        {"role": st.one_of(st.just(role), st.just(role), st.just(role), roles),
-         "content": st.one_of(st.text(min_size=1, max_size=16), st.text(min_size=1, max_size=16), contents)},
+        {
+            "role": st.one_of(st.just(role), st.just(role), st.just(role), roles),
+            "content": st.one_of(st.text(min_size=1, max_size=16), st.text(min_size=1, max_size=16), contents),
+        },
         optional={"tool_calls": tool_calls, "name": scalars, "tool_call_id": scalars},
     )
 
 
-plausible_conversations = st.lists(st.tuples(plausible_turn("user"), plausible_turn("assistant")), min_size=1,
-                                   max_size=3).map(lambda pairs: [turn for pair in pairs for turn in pair])
+plausible_conversations = st.lists(
+    st.tuples(plausible_turn("user"), plausible_turn("assistant")), min_size=1, max_size=3
+).map(lambda pairs: [turn for pair in pairs for turn in pair])
 conversations = st.lists(turns, max_size=6) | plausible_conversations | json_values
-records = st.fixed_dictionaries({"messages": plausible_conversations}, optional={
-    "tools": st.none() | st.lists(json_values, max_size=2), "id": json_values,
-}) | st.fixed_dictionaries({}, optional={
-    "messages": conversations, "conversations": conversations,
-    "prompt": conversations | st.text(max_size=10), "completion": conversations | st.text(max_size=10),
-    "instruction": scalars, "input": scalars, "output": scalars, "system": scalars, "text": scalars,
-    "question": scalars, "answer": scalars, "tools": st.none() | st.lists(json_values, max_size=2) | json_values,
-    "id": json_values,
-})
+records = st.fixed_dictionaries(
+    {"messages": plausible_conversations},
+    optional={
+        "tools": st.none() | st.lists(json_values, max_size=2),
+        "id": json_values,
+    },
+) | st.fixed_dictionaries(
+    {},
+    optional={
+        "messages": conversations,
+        "conversations": conversations,
+        "prompt": conversations | st.text(max_size=10),
+        "completion": conversations | st.text(max_size=10),
+        "instruction": scalars,
+        "input": scalars,
+        "output": scalars,
+        "system": scalars,
+        "text": scalars,
+        "question": scalars,
+        "answer": scalars,
+        "tools": st.none() | st.lists(json_values, max_size=2) | json_values,
+        "id": json_values,
+    },
+)
 
 
 @st.composite
@@ -739,11 +964,20 @@ def options(draw) -> dict:
     """Data options; mostly format detection, so that rows get as far as rendering and tokenizing."""
     fmt = draw(st.sampled_from([None, None, None, *FORMATS]))
     template = "Q: {question}\nA: {answer}" if fmt == "template" or draw(st.integers(0, 9)) == 0 else None
-    return {"on_error": draw(st.sampled_from(["fail", "skip"])), "format": fmt, "template": template,
-            "eval_split": draw(st.sampled_from([0, 0.5]))}
+    return {
+        "on_error": draw(st.sampled_from(["fail", "skip"])),
+        "format": fmt,
+        "template": template,
+        "eval_split": draw(st.sampled_from([0, 0.5])),
+    }
 
-FUZZ = settings(max_examples=100, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+FUZZ = settings(
+    max_examples=100,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @pytest.fixture(scope="module")
@@ -776,9 +1010,18 @@ def test_random_json_values_only_ever_raise_data_error(tokenizer, fuzz_dir, line
 
 
 @FUZZ
-@given(chunks=st.lists(st.binary(max_size=40) | st.sampled_from(GOOD_LINES) | st.sampled_from(
-    [b'{"messages": [', b'{"text": "\xff"}', b"\xef\xbb\xbf", b"\r", b"{}", b"null", b'{"text": ""}']),
-    min_size=1, max_size=8), opts=options())
+@given(
+    chunks=st.lists(
+        st.binary(max_size=40)
+        | st.sampled_from(GOOD_LINES)
+        | st.sampled_from(
+            [b'{"messages": [', b'{"text": "\xff"}', b"\xef\xbb\xbf", b"\r", b"{}", b"null", b'{"text": ""}']
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    opts=options(),
+)
 def test_random_bytes_lines_only_ever_raise_data_error(tokenizer, fuzz_dir, chunks, opts):
     path = fuzz_dir / "bytes.jsonl"
     path.write_bytes(b"\n".join(chunks))
@@ -787,8 +1030,9 @@ def test_random_bytes_lines_only_ever_raise_data_error(tokenizer, fuzz_dir, chun
 
 @FUZZ
 @given(rows=st.lists(records, min_size=1, max_size=5), good=st.integers(0, 2), opts=options())
-def test_random_records_with_messages_of_random_shapes_only_ever_raise_data_error(tokenizer, fuzz_dir, rows, good,
-                                                                                   opts):
+def test_random_records_with_messages_of_random_shapes_only_ever_raise_data_error(
+    tokenizer, fuzz_dir, rows, good, opts
+):
     path = fuzz_dir / "records.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in [*rows, *chat_rows(good)]), encoding="utf-8")
     only_data_errors(tokenizer, path, **opts)
@@ -797,13 +1041,22 @@ def test_random_records_with_messages_of_random_shapes_only_ever_raise_data_erro
 @st.composite
 def perturbed_conversations(draw) -> list[dict]:
     """Valid conversations (with tool turns) where a few fields get a random shape: the rows that get furthest."""
-    rows = [{"messages": [
-        {"role": "system", "content": "Use the tools."}, {"role": "user", "content": f"Add {i} and {i}."},
-        {"role": "assistant", "content": "Calling add.", "tool_calls": [
-            {"type": "function", "function": {"name": "add", "arguments": {"a": i, "b": i}}}]},
-        {"role": "tool", "content": str(2 * i), "tool_call_id": "call-1"},
-        {"role": "assistant", "content": f"It is {2 * i}."},
-    ]} for i in range(draw(st.integers(1, 3)))]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Use the tools."},
+                {"role": "user", "content": f"Add {i} and {i}."},
+                {
+                    "role": "assistant",
+                    "content": "Calling add.",
+                    "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": i, "b": i}}}],
+                },
+                {"role": "tool", "content": str(2 * i), "tool_call_id": "call-1"},
+                {"role": "assistant", "content": f"It is {2 * i}."},
+            ]
+        }
+        for i in range(draw(st.integers(1, 3)))
+    ]
     for _ in range(draw(st.integers(1, 3))):
         row = draw(st.sampled_from(rows))
         if draw(st.booleans()):

@@ -35,11 +35,21 @@ def make_run(train, eval_=None, *, steps=None, eval_every=5, grad=None, lr=None,
         lr = [peak * (i + 1) / warm if i < warm else peak * (n - i) / (n - warm) for i in range(n)]
     records = []
     for i, step in enumerate(steps):
-        records.append({"step": step, "epoch": round(step / (10 * n), 4), "loss": float(train[i]),
-                        "grad_norm": float(grad[i]), "learning_rate": float(lr[i]), "num_tokens": 1000.0 * step})
+        records.append(
+            {
+                "step": step,
+                "epoch": round(step / (10 * n), 4),
+                "loss": float(train[i]),
+                "grad_norm": float(grad[i]),
+                "learning_rate": float(lr[i]),
+                "num_tokens": 1000.0 * step,
+            }
+        )
         if eval_ is not None and (i + 1) % eval_every == 0:
             value = eval_[(i + 1) // eval_every - 1]
-            records.append({"step": step, "epoch": round(step / (10 * n), 4), "eval_loss": float(value), "eval_runtime": 1.2})
+            records.append(
+                {"step": step, "epoch": round(step / (10 * n), 4), "eval_loss": float(value), "eval_runtime": 1.2}
+            )
     if summary:
         records.append({"step": steps[-1], "train_runtime": 100.0, "train_loss": float(np.mean(train)), "epoch": 1.0})
     return records
@@ -53,7 +63,7 @@ def noisy(values, rel, seed):
 def healthy_run(n=200, seed=0, noise=0.05, eval_every=10, tau=150.0, gap=0.06):
     steps = np.arange(10, 10 * n + 1, 10)
     train = noisy(decay(steps, tau=tau), noise, seed)
-    eval_steps = steps[eval_every - 1::eval_every]
+    eval_steps = steps[eval_every - 1 :: eval_every]
     eval_ = noisy(decay(eval_steps, tau=tau) + gap, 0.005, seed + 1)
     return make_run(train, eval_, steps=steps, eval_every=eval_every, seed=seed)
 
@@ -95,7 +105,7 @@ def test_benign_spikes_that_recover_are_not_instability(seed):
 def test_a_short_run_with_two_or_three_evaluations_is_healthy(evals):
     steps = np.arange(5, 5 * 12 + 1, 5)  # 12 logs, logging_steps=5
     train = noisy(decay(steps, start=1.9, floor=0.9, tau=25), 0.05, 3)
-    eval_steps = steps[12 // evals - 1::12 // evals]
+    eval_steps = steps[12 // evals - 1 :: 12 // evals]
     eval_ = decay(eval_steps, start=1.9, floor=0.95, tau=25)
     records = make_run(train, eval_, steps=steps, eval_every=12 // evals)
     diagnosis = diagnose(records)
@@ -114,8 +124,14 @@ def simulated_run(seed, total=1000, log_every=1, eval_every=20, warmup=50, sigma
     grad = (0.5 + 3 * np.exp(-progress / 100)) * np.exp(rng.normal(0, 0.4, total))
     records = []
     for s in range(log_every, total + 1, log_every):
-        records.append({"step": s, "loss": float(per_step[s - log_every:s].mean()), "grad_norm": float(grad[s - 1]),
-                        "learning_rate": float(2e-4 * lr[s - 1])})
+        records.append(
+            {
+                "step": s,
+                "loss": float(per_step[s - log_every : s].mean()),
+                "grad_norm": float(grad[s - 1]),
+                "learning_rate": float(2e-4 * lr[s - 1]),
+            }
+        )
         if s % eval_every == 0:
             records.append({"step": s, "eval_loss": float((clean[s - 1] + 0.05) * np.exp(rng.normal(0, 0.004)))})
     return records
@@ -126,7 +142,7 @@ def test_very_noisy_per_step_logging_is_healthy_at_every_evaluation(seed, log_ev
     records = simulated_run(seed, log_every=log_every, sigma=sigma)
     ends = [i for i, r in enumerate(records) if "eval_loss" in r]
     for end in ends[:8] + ends[8::6] + ends[-1:]:  # as the live diagnosis sees it, at evaluations
-        diagnosis = diagnose(records[:end + 1])
+        diagnosis = diagnose(records[: end + 1])
         assert warnings_of(diagnosis) == set(), (records[end]["step"], diagnosis.render())
     assert "healthy" in diagnose(records).codes()
 
@@ -334,8 +350,14 @@ def test_instability_by_a_spike_that_does_not_recover():
     steps = np.arange(10, 1510, 10)
     base = decay(steps, tau=200)
     base[100:] *= 3.0  # the loss jumps at step 1010 and stays up
-    diagnosis = diagnose(make_run(noisy(base, 0.04, 16), steps=steps, eval_every=10,
-                                  eval_=decay(steps[9::10], tau=200) * np.where(steps[9::10] >= 1010, 3.0, 1.0) + 0.05))
+    diagnosis = diagnose(
+        make_run(
+            noisy(base, 0.04, 16),
+            steps=steps,
+            eval_every=10,
+            eval_=decay(steps[9::10], tau=200) * np.where(steps[9::10] >= 1010, 3.0, 1.0) + 0.05,
+        )
+    )
     inst = finding(diagnosis, "instability")
     assert inst.severity == "warning"
     assert 990 <= inst.steps[0] <= 1010
@@ -357,7 +379,7 @@ def test_instability_by_grad_norm_explosion():
     records = healthy_run(n=100)
     train = [r for r in records if "loss" in r]
     for k, record in enumerate(train[70:75]):
-        record["grad_norm"] = 40.0 * 3 ** k  # 40, 120, 360, ... against a median near 0.8
+        record["grad_norm"] = 40.0 * 3**k  # 40, 120, 360, ... against a median near 0.8
     diagnosis = diagnose(records)
     inst = finding(diagnosis, "instability")
     assert "grad_norm" in inst.evidence and inst.steps[0] == train[70]["step"]
@@ -392,8 +414,15 @@ def samples_for(shares, per_eval=4, every=100, follows=None):
     for k, share in enumerate(shares):
         good = round(share * per_eval)
         for i in range(per_eval):
-            samples.append({"step": every * (k + 1), "prompt": f"p{i}", "output": "x",
-                            "ends_with_end_of_turn": i < good, "follows_format": follows})
+            samples.append(
+                {
+                    "step": every * (k + 1),
+                    "prompt": f"p{i}",
+                    "output": "x",
+                    "ends_with_end_of_turn": i < good,
+                    "follows_format": follows,
+                }
+            )
     return samples
 
 
@@ -418,14 +447,17 @@ def test_format_counts_follows_format_false_as_a_failure():
     assert "inconsistent_format" in diagnose(healthy_run(), samples).codes()
 
 
-@pytest.mark.parametrize("shares", [
-    [1, 1, 1, 1, 1, 1],
-    [0, 0.25, 0.5, 0.75, 1, 1],  # learning to stop: rising, not inconsistent
-    [1, 0.75, 1, 0.75, 1, 0.75],  # one prompt of four flipping
-    [1, 1, 1, 0.75, 0.75],  # one prompt of four lost: within noise
-    [0.25, 0.75, 0.5, 1, 0.75, 1],  # uneven but rising
-    [1, 1, 0.5],  # one low evaluation: not enough evidence yet
-])
+@pytest.mark.parametrize(
+    "shares",
+    [
+        [1, 1, 1, 1, 1, 1],
+        [0, 0.25, 0.5, 0.75, 1, 1],  # learning to stop: rising, not inconsistent
+        [1, 0.75, 1, 0.75, 1, 0.75],  # one prompt of four flipping
+        [1, 1, 1, 0.75, 0.75],  # one prompt of four lost: within noise
+        [0.25, 0.75, 0.5, 1, 0.75, 1],  # uneven but rising
+        [1, 1, 0.5],  # one low evaluation: not enough evidence yet
+    ],
+)
 def test_a_consistent_or_improving_format_is_not_flagged(shares):
     diagnosis = diagnose(healthy_run(), samples_for(shares, follows=True))
     assert "inconsistent_format" not in diagnosis.codes()
@@ -463,8 +495,14 @@ def test_the_first_logs_of_a_falling_curve_are_not_converged():
 
 def test_odd_values_do_not_crash():
     records = healthy_run(n=50)
-    records += [{"step": 999, "loss": "oops"}, {"loss": 1.0}, {"step": None, "eval_loss": 1.0}, "not a dict",
-                {"step": 1000, "grad_norm": None, "learning_rate": True}, {"step": "x", "loss": 1.0}]
+    records += [
+        {"step": 999, "loss": "oops"},
+        {"loss": 1.0},
+        {"step": None, "eval_loss": 1.0},
+        "not a dict",
+        {"step": 1000, "grad_norm": None, "learning_rate": True},
+        {"step": "x", "loss": 1.0},
+    ]
     diagnose(records, samples=[{"step": 1}, "bad", {"step": 2, "ends_with_end_of_turn": "yes"}])
 
 
@@ -487,8 +525,15 @@ def test_json_contract():
     assert payload["findings"]
     for item in payload["findings"]:
         assert set(item) == {"code", "severity", "steps", "evidence", "advice"}
-        assert item["code"] in {"overfitting", "underfitting", "memorization", "instability", "inconsistent_format",
-                                "healthy", "no_eval_data"}
+        assert item["code"] in {
+            "overfitting",
+            "underfitting",
+            "memorization",
+            "instability",
+            "inconsistent_format",
+            "healthy",
+            "no_eval_data",
+        }
         assert item["severity"] in {"info", "warning", "error"}
         assert isinstance(item["steps"], list) and len(item["steps"]) == 2
         assert all(type(s) is int for s in item["steps"]) and item["steps"][0] <= item["steps"][1]
@@ -550,14 +595,38 @@ def trainer_state(n=100, overfit=False):
     history = []
     for i in range(1, n + 1):
         step = 10 * i
-        history.append({"epoch": round(step / 500, 4), "grad_norm": 0.7 + 0.1 * math.sin(i),
-                        "learning_rate": 2e-4 * (1 - i / n), "loss": round(0.6 + 1.6 * math.exp(-step / 150), 4), "step": step})
+        history.append(
+            {
+                "epoch": round(step / 500, 4),
+                "grad_norm": 0.7 + 0.1 * math.sin(i),
+                "learning_rate": 2e-4 * (1 - i / n),
+                "loss": round(0.6 + 1.6 * math.exp(-step / 150), 4),
+                "step": step,
+            }
+        )
         if i % 10 == 0:
             eval_loss = 0.66 + 1.6 * math.exp(-step / 150) + (0.0004 * max(0, step - 400) if overfit else 0)
-            history.append({"epoch": round(step / 500, 4), "eval_loss": eval_loss, "eval_runtime": 1.5,
-                            "eval_samples_per_second": 60.0, "eval_steps_per_second": 8.0, "step": step})
-    history.append({"epoch": 2.0, "step": 10 * n, "total_flos": 1.0e15, "train_loss": 0.8, "train_runtime": 120.0,
-                    "train_samples_per_second": 30.0, "train_steps_per_second": 0.9})
+            history.append(
+                {
+                    "epoch": round(step / 500, 4),
+                    "eval_loss": eval_loss,
+                    "eval_runtime": 1.5,
+                    "eval_samples_per_second": 60.0,
+                    "eval_steps_per_second": 8.0,
+                    "step": step,
+                }
+            )
+    history.append(
+        {
+            "epoch": 2.0,
+            "step": 10 * n,
+            "total_flos": 1.0e15,
+            "train_loss": 0.8,
+            "train_runtime": 120.0,
+            "train_samples_per_second": 30.0,
+            "train_steps_per_second": 0.9,
+        }
+    )
     return {"best_metric": None, "epoch": 2.0, "global_step": 10 * n, "log_history": history, "max_steps": 10 * n}
 
 
@@ -579,15 +648,18 @@ def test_read_a_transformers_output_dir_uses_the_latest_checkpoint(tmp_path):
     assert "healthy" in diagnose(records).codes()
 
 
-@pytest.mark.parametrize("setup, fragment", [
-    (lambda d: d / "missing", "no such file"),
-    (lambda d: d, "no metrics.jsonl or trainer_state.json"),
-    (lambda d: (d / "state.json").write_text("{not json") and d / "state.json", "invalid JSON"),
-    (lambda d: (d / "state.json").write_text('{"global_step": 3}') and d / "state.json", "no log_history"),
-    (lambda d: (d / "m.jsonl").write_text("garbage\nmore garbage\n") and d / "m.jsonl", "no JSON object"),
-    (lambda d: (d / "run.csv").write_text("a,b\n") and d / "run.csv", "unsupported file type"),
-    (lambda d: (d / "metrics.jsonl").write_bytes(b"\xff\xfe\x00bad") and d / "metrics.jsonl", "not a text file"),
-])
+@pytest.mark.parametrize(
+    "setup, fragment",
+    [
+        (lambda d: d / "missing", "no such file"),
+        (lambda d: d, "no metrics.jsonl or trainer_state.json"),
+        (lambda d: (d / "state.json").write_text("{not json") and d / "state.json", "invalid JSON"),
+        (lambda d: (d / "state.json").write_text('{"global_step": 3}') and d / "state.json", "no log_history"),
+        (lambda d: (d / "m.jsonl").write_text("garbage\nmore garbage\n") and d / "m.jsonl", "no JSON object"),
+        (lambda d: (d / "run.csv").write_text("a,b\n") and d / "run.csv", "unsupported file type"),
+        (lambda d: (d / "metrics.jsonl").write_bytes(b"\xff\xfe\x00bad") and d / "metrics.jsonl", "not a text file"),
+    ],
+)
 def test_read_history_errors_name_the_file(tmp_path, setup, fragment):
     path = setup(tmp_path)
     with pytest.raises(UserError) as caught:
@@ -679,8 +751,17 @@ def test_diagnosis_json_keeps_its_keys_and_reads_back(tmp_path):
     assert back.to_json() == diagnosis.to_json() and back.codes() == diagnosis.codes()
 
 
-@pytest.mark.parametrize("saved", [None, [], "x", {"findings": "x"}, {"phase": 3, "findings": [1, {"steps": [1]}]},
-                                   {"findings": [{"steps": ["a", None], "advice": "x"}]}])
+@pytest.mark.parametrize(
+    "saved",
+    [
+        None,
+        [],
+        "x",
+        {"findings": "x"},
+        {"phase": 3, "findings": [1, {"steps": [1]}]},
+        {"findings": [{"steps": ["a", None], "advice": "x"}]},
+    ],
+)
 def test_a_damaged_diagnosis_json_reads_leniently(tmp_path, saved):
     from sftlab.diagnose import read_diagnosis
 
@@ -697,6 +778,7 @@ def test_a_damaged_diagnosis_json_reads_leniently(tmp_path, saved):
 
 def test_a_finding_is_built_positionally_or_by_name():
     by_position = Finding("overfitting", "warning", (10, 50), "eval loss rose", ["a"])
-    assert by_position == Finding(code="overfitting", severity="warning", steps=(10, 50), evidence="eval loss rose",
-                                  advice=["a"])
+    assert by_position == Finding(
+        code="overfitting", severity="warning", steps=(10, 50), evidence="eval loss rose", advice=["a"]
+    )
     assert Finding("x", "info", (np.int64(3), np.int64(4)), "", []).to_json()["steps"] == [3, 4]

@@ -18,16 +18,20 @@ FIXTURES = Path(__file__).parent / "fixtures" / "trainer_states"
 
 # file stem: (label, the warning or error codes the diagnosis must raise, exactly)
 EXPECTED = {
-    "5hiri-fine-tuning-llm-test": ("loss collapses to 0 within 30 steps; one NaN grad norm",
-                                   {"instability", "memorization"}),
+    "5hiri-fine-tuning-llm-test": (
+        "loss collapses to 0 within 30 steps; one NaN grad norm",
+        {"instability", "memorization"},
+    ),
     "aaghaazkhan-law-llm": ("healthy (train loss logged 16x too high, eval falls 15.4 -> 0.30)", set()),
     "arthuribias-coder-tech-challenge-finetune": ("healthy, with eval, small gains", set()),
     "brianlov-creative-generation": ("healthy short run (60 steps), noisy", set()),
     "cursearealsword-nlp-module-4-qa": ("eval plateau, gap widening (a note, not a warning)", set()),
     "heps-akint-reasoning-fine-tuning": ("memorization: 40 epochs, 0.48 -> 0.023", {"memorization"}),
     "huloujun-greenbuilding-qa-llm": ("healthy, 5 epochs, slow", set()),
-    "jimmy9478bomdic-unsloth-finetune": ("memorization: 60 epochs of one batch; grad-norm blips near 0 loss",
-                                         {"memorization"}),
+    "jimmy9478bomdic-unsloth-finetune": (
+        "memorization: 60 epochs of one batch; grad-norm blips near 0 loss",
+        {"memorization"},
+    ),
     "mithrajith-code2resume": ("healthy, fast drop", set()),
     "mubashir214-gpt2-pseudocode-to-cpp": ("healthy, gap not small (a note)", set()),
     "rishikarpe-lora-fine-tuning": ("loss exactly 0 from the first log: nothing trained", {"zero_loss"}),
@@ -67,8 +71,9 @@ def test_a_loss_of_exactly_zero_is_reported_as_nothing_trained_not_memorization(
     assert "memorization" not in diagnosis.codes()
 
 
-@pytest.mark.parametrize("stem, blip", [("rokkit-exe-unsloth-training", "2.724"),
-                                        ("5hiri-fine-tuning-llm-test", "2.443")])
+@pytest.mark.parametrize(
+    "stem, blip", [("rokkit-exe-unsloth-training", "2.724"), ("5hiri-fine-tuning-llm-test", "2.443")]
+)
 def test_grad_norm_blips_while_the_loss_sits_near_zero_are_not_instability(stem, blip):
     # rokkit: 0.003 -> 2.72 (884x) at loss 0.005; 5hiri: 0.008 -> 2.44 at loss 0.0001 (only its NaN grad norm counts).
     evidence = " ".join(finding.evidence for finding in diagnosis_of(stem).findings)
@@ -80,8 +85,9 @@ def test_the_nan_grad_norm_of_a_real_run_is_an_error():
     assert instability.severity == "error" and "grad_norm is nan at step 18" in instability.evidence
 
 
-@pytest.mark.parametrize("stem, epochs", [("jimmy9478bomdic-unsloth-finetune", 60),
-                                          ("rokkit-exe-unsloth-training", 30)])
+@pytest.mark.parametrize(
+    "stem, epochs", [("jimmy9478bomdic-unsloth-finetune", 60), ("rokkit-exe-unsloth-training", 30)]
+)
 def test_memorization_is_found_relative_to_the_run_below_any_threshold(stem, epochs):
     # With the absolute threshold set below the final loss, the fall to a tiny share of the start still counts.
     memorization = next(f for f in diagnosis_of(stem, memorization_loss=0.0005).findings if f.code == "memorization")

@@ -12,8 +12,19 @@ import pytest
 from conftest import sftlab_in_process, write_config, write_jsonl
 from sftlab.config import load_config
 from sftlab.evaluate import (
-    AFTER_FILE, BEFORE_FILE, EVAL_DIR, RETENTION_BUILTIN, SAMPLES_FILE, ends_turn_cleanly, evaluate_model_path,
-    evaluate_run, leaks_template, print_comparison, template_markers, trained_responses, trained_token_loss,
+    AFTER_FILE,
+    BEFORE_FILE,
+    EVAL_DIR,
+    RETENTION_BUILTIN,
+    SAMPLES_FILE,
+    ends_turn_cleanly,
+    evaluate_model_path,
+    evaluate_run,
+    leaks_template,
+    print_comparison,
+    template_markers,
+    trained_responses,
+    trained_token_loss,
 )
 from sftlab.metrics import distinct_n, duplicate_share, exact_match, memorization, rouge_l
 from sftlab.monitor import METRICS_FILE, read_jsonl
@@ -28,8 +39,14 @@ def sum_rows(count: int, seed: int) -> list[dict]:
     rows = []
     for _ in range(count):
         a, b = rng.randint(1, 50), rng.randint(1, 50)
-        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                  {"role": "assistant", "content": f"ANSWER: {a + b}"}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {a} plus {b}?"},
+                    {"role": "assistant", "content": f"ANSWER: {a + b}"},
+                ]
+            }
+        )
     return rows
 
 
@@ -39,14 +56,16 @@ def formatted_run(tmp_path_factory, tiny_model):
     tmp = tmp_path_factory.mktemp("formatted")
     train_file = write_jsonl(tmp / "train.jsonl", sum_rows(200, seed=0))
     eval_file = write_jsonl(tmp / "eval.jsonl", sum_rows(16, seed=1))
-    config = write_config(tmp / "config.yaml", f"""
+    config = write_config(
+        tmp / "config.yaml",
+        f"""
 model:
   name_or_path: {tiny_model}
 data:
   train: {train_file}
   eval: {eval_file}
 training:
-  output_dir: {tmp / 'run'}
+  output_dir: {tmp / "run"}
   max_steps: 120
   per_device_train_batch_size: 8
   per_device_eval_batch_size: 16
@@ -65,7 +84,8 @@ eval:
 monitor:
   plots: false
   sample_prompts: 0
-""")
+""",
+    )
     result = train(load_config(config))
     return result.run_dir, config
 
@@ -93,8 +113,12 @@ def test_every_metric_is_present_with_sane_values(formatted_run, name):
     assert result["step"] == (0 if name == BEFORE_FILE else 120)
     assert result["model"] == (str(run_dir / "final") if name == AFTER_FILE else result["model"])
     assert result["num_prompts"] == 16 and result["max_new_tokens"] == 12 and result["seconds"] > 0
-    shares = {"adherence": ["chat", "format"], "reference": ["exact_match", "rougeL"],
-              "diversity": ["distinct_1", "distinct_2", "duplicate_share"], "memorization": ["verbatim_share"]}
+    shares = {
+        "adherence": ["chat", "format"],
+        "reference": ["exact_match", "rougeL"],
+        "diversity": ["distinct_1", "distinct_2", "duplicate_share"],
+        "memorization": ["verbatim_share"],
+    }
     for group, keys in shares.items():
         for key in keys:
             assert key in result[group], (group, key)
@@ -123,8 +147,9 @@ def test_samples_put_prompt_reference_base_and_tuned_answers_side_by_side(format
     run_dir, _ = formatted_run
     samples = read_jsonl(run_dir / EVAL_DIR / SAMPLES_FILE)
     assert len(samples) == 16
-    assert set(samples[0]) == {"prompt", "reference"} | {f"{side}_{what}" for side in ("base", "prompted", "tuned")
-                                                        for what in ("output", "follows_format", "scores")}
+    assert set(samples[0]) == {"prompt", "reference"} | {
+        f"{side}_{what}" for side in ("base", "prompted", "tuned") for what in ("output", "follows_format", "scores")
+    }
     eval_rows = sum_rows(16, seed=1)
     assert [s["prompt"] for s in samples] == [row["messages"][0]["content"] for row in eval_rows]
     assert [s["reference"] for s in samples] == [row["messages"][1]["content"] for row in eval_rows]
@@ -153,7 +178,9 @@ def test_sftlab_eval_run_dir_evaluates_the_final_model_again(formatted_run, tmp_
     # final/ loaded from disk gives what the trained weights in memory gave
     assert again["loss"]["loss"] == pytest.approx(original["loss"]["loss"], abs=1e-5)
     assert again["adherence"] == original["adherence"]
-    assert read_eval(copy, BEFORE_FILE)["loss"]["loss"] == pytest.approx(read_eval(run_dir, BEFORE_FILE)["loss"]["loss"], abs=1e-5)
+    assert read_eval(copy, BEFORE_FILE)["loss"]["loss"] == pytest.approx(
+        read_eval(run_dir, BEFORE_FILE)["loss"]["loss"], abs=1e-5
+    )
 
 
 def test_sftlab_eval_model_with_config_writes_an_output_directory_once(formatted_run, tmp_path):
@@ -171,13 +198,16 @@ def test_sftlab_eval_model_with_config_writes_an_output_directory_once(formatted
     assert code == 2 and "already exists" in err and (out / AFTER_FILE).read_text() == before_text
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{tmp}/nowhere"], "run directory not found"),
-    (["{tmp}"], "not an sftlab run directory"),
-    (["--model", "{tmp}"], "--model needs --config"),
-    ([], "nothing to evaluate"),
-    (["{tmp}", "--config", "{tmp}/c.yaml"], "not both"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/nowhere"], "run directory not found"),
+        (["{tmp}"], "not an sftlab run directory"),
+        (["--model", "{tmp}"], "--model needs --config"),
+        ([], "nothing to evaluate"),
+        (["{tmp}", "--config", "{tmp}/c.yaml"], "not both"),
+    ],
+)
 def test_eval_errors_exit_2_with_one_message(tmp_path, args, message):
     code, _, err = sftlab_in_process("eval", *[arg.format(tmp=tmp_path) for arg in args])
     assert code == 2 and message in err and "Traceback" not in err
@@ -192,22 +222,27 @@ def test_a_run_without_a_final_model_cannot_be_evaluated(tmp_path, tiny_config):
 
 
 def test_a_config_without_eval_data_cannot_be_evaluated(tmp_path, tiny_model, chat_data):
-    config = write_config(tmp_path / "c.yaml", f"""
+    config = write_config(
+        tmp_path / "c.yaml",
+        f"""
 model:
   name_or_path: {tiny_model}
 data:
-  train: {chat_data['train']}
+  train: {chat_data["train"]}
   eval_split: 0
 training:
-  output_dir: {tmp_path / 'run'}
-""")
+  output_dir: {tmp_path / "run"}
+""",
+    )
     code, _, err = sftlab_in_process("eval", "--config", config)
     assert code == 2 and "no eval data" in err
 
 
 def test_a_lora_run_is_evaluated_with_its_adapter_on_the_base(tiny_config):
-    cfg = load_config(tiny_config, ["lora.r=4", "lora.target_modules=[q_proj,v_proj]", "training.max_steps=4",
-                                    "eval.max_new_tokens=8"])
+    cfg = load_config(
+        tiny_config,
+        ["lora.r=4", "lora.target_modules=[q_proj,v_proj]", "training.max_steps=4", "eval.max_new_tokens=8"],
+    )
     result = train(cfg)
     assert (result.final_dir / "adapter_config.json").exists()
     before, after = read_eval(result.run_dir, BEFORE_FILE), read_eval(result.run_dir, AFTER_FILE)
@@ -218,10 +253,23 @@ def test_a_lora_run_is_evaluated_with_its_adapter_on_the_base(tiny_config):
 
 
 def test_retention_can_be_pointed_at_other_data_or_turned_off(tmp_path, tiny_config, tiny_model):
-    general = write_jsonl(tmp_path / "general.jsonl", [
-        {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue is a colour."}]},
-        {"messages": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "An apple is a fruit."}]},
-    ])
+    general = write_jsonl(
+        tmp_path / "general.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "Name a colour."},
+                    {"role": "assistant", "content": "Blue is a colour."},
+                ]
+            },
+            {
+                "messages": [
+                    {"role": "user", "content": "Name a fruit."},
+                    {"role": "assistant", "content": "An apple is a fruit."},
+                ]
+            },
+        ],
+    )
     common = ["eval.num_prompts=2", "eval.max_new_tokens=4", "eval.show_samples=0"]
     custom = evaluate_model_path(None, tiny_config, overrides=[*common, f"eval.retention={general}"]).summary
     assert custom["retention"]["source"] == str(general)
@@ -235,8 +283,12 @@ def test_retention_can_be_pointed_at_other_data_or_turned_off(tmp_path, tiny_con
 def test_sampling_is_configurable_and_seeded(tiny_config):
     common = ["eval.num_prompts=4", "eval.max_new_tokens=6", "eval.show_samples=0", "eval.retention=false"]
     greedy = evaluate_model_path(None, tiny_config, overrides=common).summary
-    sampled = [evaluate_model_path(None, tiny_config, overrides=[*common, "eval.do_sample=true", "eval.temperature=1.5"])
-               .summary for _ in range(2)]
+    sampled = [
+        evaluate_model_path(
+            None, tiny_config, overrides=[*common, "eval.do_sample=true", "eval.temperature=1.5"]
+        ).summary
+        for _ in range(2)
+    ]
     assert sampled[0]["diversity"] == sampled[1]["diversity"]  # seeded: the same answers again
     assert sampled[0]["diversity"] != greedy["diversity"]
 
@@ -288,15 +340,18 @@ def test_the_comparison_shows_a_wrongly_typed_summary_value_as_a_dash():
     assert [cell.strip() for cell in loss_row.split("│")[2:5]] == ["-", "1.5000", ""]
 
 
-@pytest.mark.parametrize("raw, leaks", [
-    ("Paris is the capital of France.", False),
-    ("The user asked about assistants in general.", False),
-    ("Paris<|im_end|>", True),
-    ("Paris<|im_start|>user\nAnd Rome?", True),
-    ("assistant\nParis is the capital.", True),
-    ("Paris.\nUser: and Rome?", True),
-    ("<|endoftext|>", True),
-])
+@pytest.mark.parametrize(
+    "raw, leaks",
+    [
+        ("Paris is the capital of France.", False),
+        ("The user asked about assistants in general.", False),
+        ("Paris<|im_end|>", True),
+        ("Paris<|im_start|>user\nAnd Rome?", True),
+        ("assistant\nParis is the capital.", True),
+        ("Paris.\nUser: and Rome?", True),
+        ("<|endoftext|>", True),
+    ],
+)
 def test_chat_adherence_catches_leaked_template_tokens_and_role_markers(tiny_model, raw, leaks):
     from transformers import AutoTokenizer
 
@@ -312,17 +367,20 @@ def test_template_markers_include_plain_text_turn_headers(tiny_model):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}### Question: {{ m['content'] }}\n"
-                               "{% else %}### Answer: {{ m['content'] }}\n{% endif %}{% endfor %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}### Question: {{ m['content'] }}\n"
+        "{% else %}### Answer: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    )
     markers = template_markers(tokenizer)
     assert "### Question:" in markers and "### Answer:" in markers
     assert leaks_template("42\n### Question: what else?", markers)
 
 
 def test_training_responses_are_the_trained_spans_of_the_prepared_rows(tiny_model, chat_data):
+    from transformers import AutoTokenizer
+
     from sftlab.config import DataConfig
     from sftlab.data import prepare_data
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     data = prepare_data(DataConfig(train=str(chat_data["train"]), eval_split=0), tokenizer)

@@ -8,8 +8,8 @@ were written wrong, the logits or the token ids would differ.
 import json
 
 import pytest
-from conftest import build_tiny_model, chat_rows, sftlab_in_process, write_jsonl
 
+from conftest import build_tiny_model, chat_rows, sftlab_in_process, write_jsonl
 from sftlab.config import load_config
 from sftlab.errors import UserError
 from sftlab.export import OLLAMA_CHATML, export_run, ollama_template
@@ -24,8 +24,12 @@ Q8_0_MIN_GREEDY_AGREEMENT = 0.9
 # bf16 keeps ~2-3 decimal digits per weight; the measured difference on the tiny model is given where it is used.
 BF16_MAX_LOGIT_DIFF = 0.1
 MERGED_MAX_LOGIT_DIFF = 1e-4  # merging a LoRA adapter in fp32 changes only rounding
-TEXTS = ["What is 12 plus 3?", "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
-         " naïve café, 東京  tabs\tand\n\nnewlines 2024", "The quick brown fox jumps over the lazy dog."]
+TEXTS = [
+    "What is 12 plus 3?",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    " naïve café, 東京  tabs\tand\n\nnewlines 2024",
+    "The quick brown fox jumps over the lazy dog.",
+]
 
 
 def _train(root, model, name, lora: str = ""):
@@ -42,8 +46,9 @@ training: {{output_dir: {root / name}, max_steps: 4, per_device_train_batch_size
 def runs(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("export")
     full = _train(root, tiny_model, "full")
-    lora = _train(root, tiny_model, "lora",
-                  "lora: {r: 4, lora_alpha: 8, target_modules: [q_proj, k_proj, v_proj, o_proj]}\n")
+    lora = _train(
+        root, tiny_model, "lora", "lora: {r: 4, lora_alpha: 8, target_modules: [q_proj, k_proj, v_proj, o_proj]}\n"
+    )
     return {"full": full, "lora": lora}
 
 
@@ -258,7 +263,8 @@ SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>'"
     " + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def test_the_ollama_template_is_chatml_with_its_default_system_prompt_or_left_out(tiny_model):
@@ -270,8 +276,10 @@ def test_the_ollama_template_is_chatml_with_its_default_system_prompt_or_left_ou
     template = ollama_template(tokenizer)
     assert template.endswith(OLLAMA_CHATML)
     assert '{{ "You are a helpful AI assistant named SmolLM, trained by Hugging Face" }}' in template
-    tokenizer.chat_template = ("{% for m in messages %}<|user|>{{ m['content'] }}</s>{% endfor %}"
-                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|user|>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     assert ollama_template(tokenizer) is None
 
 
@@ -289,4 +297,3 @@ def test_the_embedded_smollm2_exports_to_gguf_and_reads_back(tmp_path):
     assert _max_diff(_logits(model, tokenizer, texts), _logits(back, tokenizer, texts)) < 0.1  # logits of magnitude ~20
     for text in TEXTS:
         assert back_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
-

@@ -34,25 +34,37 @@ def test_a_run_logs_throughput_tensorboard_plots_samples_and_diagnosis(tiny_conf
     assert diagnosis["phase"] and isinstance(diagnosis["findings"], list)
 
 
-@pytest.mark.parametrize("spec, text, expected", [
-    ({"type": "json"}, '{"a": 1}', True),
-    ({"type": "json"}, 'Here: {"a": 1}', False),
-    ({"type": "json_schema", "schema": {"type": "object", "required": ["name"]}}, '{"name": "x"}', True),
-    ({"type": "json_schema", "schema": {"type": "object", "required": ["name"]}}, '{"age": 3}', False),
-    ({"type": "regex", "pattern": r"\d+ apples"}, "12 apples", True),
-    ({"type": "regex", "pattern": r"\d+ apples"}, "12 apples and pears", False),
-    ({"type": "prefix", "text": "Answer:"}, "Answer: yes", True),
-    ({"type": "contains", "text": "yes"}, "no", False),
-])
+@pytest.mark.parametrize(
+    "spec, text, expected",
+    [
+        ({"type": "json"}, '{"a": 1}', True),
+        ({"type": "json"}, 'Here: {"a": 1}', False),
+        ({"type": "json_schema", "schema": {"type": "object", "required": ["name"]}}, '{"name": "x"}', True),
+        ({"type": "json_schema", "schema": {"type": "object", "required": ["name"]}}, '{"age": 3}', False),
+        ({"type": "regex", "pattern": r"\d+ apples"}, "12 apples", True),
+        ({"type": "regex", "pattern": r"\d+ apples"}, "12 apples and pears", False),
+        ({"type": "prefix", "text": "Answer:"}, "Answer: yes", True),
+        ({"type": "contains", "text": "yes"}, "no", False),
+    ],
+)
 def test_format_specs(spec, text, expected):
     assert follows_format(text, FormatSpec(**spec)) is expected
     assert follows_format(text, None) is None
 
 
 def test_a_nan_stops_the_run_at_once_and_keeps_the_last_good_checkpoint(tiny_config):
-    cfg = load_config(tiny_config, ["training.max_steps=12", "training.save_steps=2", "training.eval_steps=2",
-                                    "training.learning_rate=1.0e+12", "training.warmup_ratio=0",
-                                    "training.lr_scheduler_type=constant", "training.max_grad_norm=1.0e+12"])
+    cfg = load_config(
+        tiny_config,
+        [
+            "training.max_steps=12",
+            "training.save_steps=2",
+            "training.eval_steps=2",
+            "training.learning_rate=1.0e+12",
+            "training.warmup_ratio=0",
+            "training.lr_scheduler_type=constant",
+            "training.max_grad_norm=1.0e+12",
+        ],
+    )
     result = train(cfg)
     assert result.stopped["reason"] == "instability"
     assert result.global_step < 12
@@ -65,19 +77,28 @@ def test_a_nan_stops_the_run_at_once_and_keeps_the_last_good_checkpoint(tiny_con
     if result.final_dir.exists():
         weights = load_file(result.final_dir / "model.safetensors")
         assert all(t.isfinite().all() for t in weights.values())
-    diagnosis = subprocess.run([sys.executable, "-m", "sftlab.cli", "diagnose", str(run), "--json"],
-                               capture_output=True, text=True, timeout=300)
+    diagnosis = subprocess.run(
+        [sys.executable, "-m", "sftlab.cli", "diagnose", str(run), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     codes = {f["code"]: f["severity"] for f in json.loads(diagnosis.stdout)["findings"]}
     assert codes.get("instability") == "error"
 
 
 def overfitting_config(tmp_path, tiny_model, stop_on: str) -> object:
     rng = random.Random(0)
+
     def nonsense():
         return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(60))
+
     def rows(count):
-        return [{"messages": [{"role": "user", "content": f"Say code {i}."}, {"role": "assistant", "content": nonsense()}]}
-                for i in range(count)]
+        return [
+            {"messages": [{"role": "user", "content": f"Say code {i}."}, {"role": "assistant", "content": nonsense()}]}
+            for i in range(count)
+        ]
+
     train_file, eval_file = write_jsonl(tmp_path / "t.jsonl", rows(8)), write_jsonl(tmp_path / "e.jsonl", rows(8))
     (tmp_path / "overfit.yaml").write_text(f"""model:
   name_or_path: {tiny_model}
@@ -85,7 +106,7 @@ data:
   train: {train_file}
   eval: {eval_file}
 training:
-  output_dir: {tmp_path / 'overfit-run'}
+  output_dir: {tmp_path / "overfit-run"}
   max_steps: 120
   per_device_train_batch_size: 4
   learning_rate: 3.0e-3
@@ -118,7 +139,7 @@ def test_stop_on_overfitting_stops_early_keeps_the_best_checkpoint_and_says_why(
     assert all((final[name] == kept[name]).all() for name in kept)
 
 
-# --------------------------------------------------------------------------- issue 15: the monitor's files, through rundir
+# ------------------------------------------------------------------- issue 15: the monitor's files, through rundir
 
 
 def test_stop_records_keep_the_first_reason_and_a_damaged_one_reads_as_none(tmp_path):
@@ -137,19 +158,27 @@ def test_trim_metrics_drops_what_a_resumed_run_logs_again(tmp_path):
     from sftlab.rundir import trim_metrics
 
     metrics, samples = tmp_path / METRICS_FILE, tmp_path / SAMPLES_FILE
-    metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (2, 4, 6))
-                       + json.dumps({"step": 4, "train_runtime": 1.0}) + "\n" + '{"step": 8, "lo', encoding="utf-8")
+    metrics.write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (2, 4, 6))
+        + json.dumps({"step": 4, "train_runtime": 1.0})
+        + "\n"
+        + '{"step": 8, "lo',
+        encoding="utf-8",
+    )
     samples.write_text(json.dumps({"step": 4, "output": "é"}) + "\n" + json.dumps({"step": 6}) + "\n", encoding="utf-8")
     trim_metrics(metrics, 4)
     assert read_jsonl(metrics) == [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 1.0}]
     assert read_jsonl(samples) == [{"step": 4, "output": "é"}]
 
 
-@pytest.mark.parametrize("text, records, reason", [
-    ('{"a": 1}\n\n{"a": 2', [{"a": 1}], None),  # a last line cut by a kill
-    ("", [], None),
-    ("[1]\nnot json\n", [], "no JSON object on any line"),
-])
+@pytest.mark.parametrize(
+    "text, records, reason",
+    [
+        ('{"a": 1}\n\n{"a": 2', [{"a": 1}], None),  # a last line cut by a kill
+        ("", [], None),
+        ("[1]\nnot json\n", [], "no JSON object on any line"),
+    ],
+)
 def test_read_jsonl_checked_says_why_a_file_holds_no_record(tmp_path, text, records, reason):
     from sftlab.rundir import read_jsonl_checked
 

@@ -31,16 +31,25 @@ def test_packed_batch_loss_equals_the_token_weighted_loss_of_its_examples_one_by
     model = load_model(cfg, tokenizer).float().eval()
     rows = chat_rows(5)
     rows[2]["messages"] += [{"role": "user", "content": "And twice that?"}, {"role": "assistant", "content": "Eight."}]
-    data = prepare_data(DataConfig(train=str(write_jsonl(tmp_path / "t.jsonl", rows)), eval_split=0), tokenizer,
-                        cache_dir=None)
-    examples = [{"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]}
-                for ids, mask in zip(data.train["input_ids"], data.train["assistant_masks"])]
+    data = prepare_data(
+        DataConfig(train=str(write_jsonl(tmp_path / "t.jsonl", rows)), eval_split=0), tokenizer, cache_dir=None
+    )
+    examples = [
+        {"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]}
+        for ids, mask in zip(data.train["input_ids"], data.train["assistant_masks"])
+    ]
 
     # Packed: one row, as TRL's BFD packing and padding-free collator build it.
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
-    packed = collator([{"input_ids": sum((e["input_ids"] for e in examples), []),
-                        "labels": sum((e["labels"] for e in examples), []),
-                        "seq_lengths": [len(e["input_ids"]) for e in examples]}])
+    packed = collator(
+        [
+            {
+                "input_ids": sum((e["input_ids"] for e in examples), []),
+                "labels": sum((e["labels"] for e in examples), []),
+                "seq_lengths": [len(e["input_ids"]) for e in examples],
+            }
+        ]
+    )
     assert packed["input_ids"].shape[0] == 1 and len(packed["cu_seq_lens_q"]) == len(examples) + 1
     with torch.no_grad():
         packed_loss = model(**{k: v for k, v in packed.items()}, use_cache=False).loss.item()
@@ -60,10 +69,10 @@ def opt_config(tmp_path, tiny_opt, chat_data, packing: bool):
     path.write_text(f"""model:
   name_or_path: {tiny_opt}
 data:
-  train: {chat_data['train']}
-  eval: {chat_data['eval']}
+  train: {chat_data["train"]}
+  eval: {chat_data["eval"]}
 training:
-  output_dir: {tmp_path / 'opt-run'}
+  output_dir: {tmp_path / "opt-run"}
   max_steps: 2
   packing: {str(packing).lower()}
   max_length: 128
@@ -80,8 +89,12 @@ def test_packing_a_model_that_would_mix_examples_is_refused_before_training(tmp_
 
 
 def test_cli_refuses_contaminating_packing_with_exit_2(tmp_path, tiny_opt, chat_data):
-    result = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(opt_config(tmp_path, tiny_opt, chat_data, True))],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "sftlab.cli", "train", str(opt_config(tmp_path, tiny_opt, chat_data, True))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "error: training.packing:" in result.stderr and "hint:" in result.stderr
@@ -96,7 +109,7 @@ data:
   train: {data}
   template: "### Question: {{question}}\\n### Answer: {{answer}}"
 training:
-  output_dir: {tmp_path / 'qa-run'}
+  output_dir: {tmp_path / "qa-run"}
   max_steps: 3
   packing: true
   max_length: 64
@@ -155,30 +168,33 @@ def test_on_a_gpu_without_flash_attn_auto_packs_through_flex_attention():
     assert "flash-attn is not installed" in choice.reason
 
 
-@pytest.mark.parametrize("packing, attention, accelerator, flash, flex, expected", [
-    # GPUs: flash-attn where installed, else flex_attention, when the config leaves the attention unset
-    ("auto", None, "cuda", None, True, (True, "flex_attention")),
-    ("auto", None, "cuda", "flash_attention_2", True, (True, "flash_attention_2")),
-    ("auto", None, "cuda", "flash_attention_3", True, (True, "flash_attention_3")),
-    ("auto", None, "cuda", None, False, (False, None)),  # a model without flex support: length-grouped
-    (True, None, "cuda", None, True, (True, "flex_attention")),  # packing asked for: the fast path too
-    # an attention implementation the config names is kept
-    ("auto", "flex_attention", "cuda", None, True, (True, "flex_attention")),
-    ("auto", "flash_attention_2", "cuda", None, True, (True, "flash_attention_2")),
-    ("auto", "kernels-community/flash-attn2", "cuda", None, True, (True, "kernels-community/flash-attn2")),
-    ("auto", "sdpa", "cuda", None, True, (False, "sdpa")),  # a dense mask over the whole row
-    ("auto", "eager", "cuda", "flash_attention_2", True, (False, "eager")),
-    (True, "sdpa", "cuda", None, True, (True, "sdpa")),
-    # CPUs (and MPS/XPU) never pack on auto, as measured; explicit values are honoured
-    ("auto", None, None, None, True, (False, None)),
-    ("auto", "sdpa", None, None, True, (False, "sdpa")),
-    ("auto", "flex_attention", None, None, True, (False, "flex_attention")),
-    ("auto", "flash_attention_2", None, None, True, (True, "flash_attention_2")),
-    ("auto", None, "mps", None, True, (False, None)),
-    (True, None, None, None, True, (True, None)),
-    (False, None, "cuda", "flash_attention_2", True, (False, None)),
-    (False, "flash_attention_2", "cuda", None, True, (False, "flash_attention_2")),
-])
+@pytest.mark.parametrize(
+    "packing, attention, accelerator, flash, flex, expected",
+    [
+        # GPUs: flash-attn where installed, else flex_attention, when the config leaves the attention unset
+        ("auto", None, "cuda", None, True, (True, "flex_attention")),
+        ("auto", None, "cuda", "flash_attention_2", True, (True, "flash_attention_2")),
+        ("auto", None, "cuda", "flash_attention_3", True, (True, "flash_attention_3")),
+        ("auto", None, "cuda", None, False, (False, None)),  # a model without flex support: length-grouped
+        (True, None, "cuda", None, True, (True, "flex_attention")),  # packing asked for: the fast path too
+        # an attention implementation the config names is kept
+        ("auto", "flex_attention", "cuda", None, True, (True, "flex_attention")),
+        ("auto", "flash_attention_2", "cuda", None, True, (True, "flash_attention_2")),
+        ("auto", "kernels-community/flash-attn2", "cuda", None, True, (True, "kernels-community/flash-attn2")),
+        ("auto", "sdpa", "cuda", None, True, (False, "sdpa")),  # a dense mask over the whole row
+        ("auto", "eager", "cuda", "flash_attention_2", True, (False, "eager")),
+        (True, "sdpa", "cuda", None, True, (True, "sdpa")),
+        # CPUs (and MPS/XPU) never pack on auto, as measured; explicit values are honoured
+        ("auto", None, None, None, True, (False, None)),
+        ("auto", "sdpa", None, None, True, (False, "sdpa")),
+        ("auto", "flex_attention", None, None, True, (False, "flex_attention")),
+        ("auto", "flash_attention_2", None, None, True, (True, "flash_attention_2")),
+        ("auto", None, "mps", None, True, (False, None)),
+        (True, None, None, None, True, (True, None)),
+        (False, None, "cuda", "flash_attention_2", True, (False, None)),
+        (False, "flash_attention_2", "cuda", None, True, (False, "flash_attention_2")),
+    ],
+)
 def test_packing_follows_the_device_and_attention(packing, attention, accelerator, flash, flex, expected):
     from sftlab.speed import choose_packing
 
@@ -189,14 +205,18 @@ def test_packing_follows_the_device_and_attention(packing, attention, accelerato
 
 @pytest.mark.parametrize("attention, packing, expected", [(None, "auto", "flex_attention"), ("sdpa", True, "sdpa")])
 def test_the_gpu_paths_keep_packed_examples_apart_in_llama_and_qwen2_and_opt_is_refused(
-        attention, packing, expected, tiny_model, tiny_qwen2, tiny_opt, flex_attention_without_inductor, monkeypatch):
+    attention, packing, expected, tiny_model, tiny_qwen2, tiny_opt, flex_attention_without_inductor, monkeypatch
+):
     import sftlab.speed as speed
     from sftlab.config import SftlabConfig
 
     monkeypatch.setattr(speed, "accelerator_type", lambda: "cuda")  # decide as on a GPU without flash-attn
     for directory, leaks in ((tiny_model, False), (tiny_qwen2, False), (tiny_opt, True)):
-        cfg = SftlabConfig(model=ModelConfig(name_or_path=str(directory), attn_implementation=attention),
-                           data=DataConfig(train="unused.jsonl"), training={"packing": packing})
+        cfg = SftlabConfig(
+            model=ModelConfig(name_or_path=str(directory), attn_implementation=attention),
+            data=DataConfig(train="unused.jsonl"),
+            training={"packing": packing},
+        )
         model = load_model(cfg.model, load_tokenizer(cfg.model))
         choice = speed.packing_for(cfg, model)
         speed.use_attention(model, choice)  # as train() does, before the probe
@@ -211,8 +231,16 @@ def test_the_tolerance_separates_bf16_rounding_from_contamination(tiny_opt):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model("qwen2", vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=12,
-                                  num_attention_heads=4, num_key_value_heads=2, use_sliding_window=False)
+    config = AutoConfig.for_model(
+        "qwen2",
+        vocab_size=600,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=False,
+    )
     deep = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     assert 1e-6 < packing_contamination(deep) < packing_tolerance(deep) / 3  # rounding shows, well inside
     assert packing_contamination(deep.float()) < 1e-5 < packing_tolerance(deep)

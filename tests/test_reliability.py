@@ -36,8 +36,11 @@ from sftlab.rundir import (
 )
 from sftlab.train import _out_of_memory_as_user_error, train
 
-SECRETS = {"HF_TOKEN": "hf_sftlabTestSecretTokenDoNotLeak0123", "HUGGING_FACE_HUB_TOKEN": "hf_sftlabOtherSecretToken4567",
-           "WANDB_API_KEY": "wandb-sftlab-secret-key-89abcdef"}
+SECRETS = {
+    "HF_TOKEN": "hf_sftlabTestSecretTokenDoNotLeak0123",
+    "HUGGING_FACE_HUB_TOKEN": "hf_sftlabOtherSecretToken4567",
+    "WANDB_API_KEY": "wandb-sftlab-secret-key-89abcdef",
+}
 
 # Runs the CLI; pauses (then the test kills it) where SFTLAB_TEST_PAUSE says: "<point>:<step>".
 WRAPPER = r"""
@@ -79,14 +82,21 @@ main()
 
 def start_sftlab(args: list, pause: str | None, paused_file: Path, cwd: Path) -> subprocess.Popen:
     """The CLI in a subprocess; its output goes to files (a full pipe would block it before its kill point)."""
-    env = {**os.environ, **SECRETS, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SFTLAB_TEST_PAUSED": str(paused_file)}
+    env = {
+        **os.environ,
+        **SECRETS,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "SFTLAB_TEST_PAUSED": str(paused_file),
+    }
     env.pop("SFTLAB_TEST_PAUSE", None)
     if pause:
         env["SFTLAB_TEST_PAUSE"] = pause
     paused_file.unlink(missing_ok=True)
     with (cwd / "stdout.txt").open("w") as stdout, (cwd / "stderr.txt").open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-c", WRAPPER, *map(str, args)], cwd=cwd, env=env,
-                                   stdout=stdout, stderr=stderr)
+        process = subprocess.Popen(
+            [sys.executable, "-c", WRAPPER, *map(str, args)], cwd=cwd, env=env, stdout=stdout, stderr=stderr
+        )
     process.output = lambda: ((cwd / "stdout.txt").read_text(), (cwd / "stderr.txt").read_text())
     return process
 
@@ -113,14 +123,16 @@ def logged_steps(run: Path, key: str = "loss") -> list[int]:
 
 @pytest.fixture
 def kill_config(tmp_path, tiny_model, chat_data) -> Path:
-    return write_config(tmp_path / "kill.yaml", f"""
+    return write_config(
+        tmp_path / "kill.yaml",
+        f"""
 model:
   name_or_path: {tiny_model}
 data:
-  train: {chat_data['train']}
-  eval: {chat_data['eval']}
+  train: {chat_data["train"]}
+  eval: {chat_data["eval"]}
 training:
-  output_dir: {tmp_path / 'run'}
+  output_dir: {tmp_path / "run"}
   max_steps: 10
   per_device_train_batch_size: 4
   learning_rate: 1.0e-3
@@ -137,7 +149,8 @@ eval:
 monitor:
   sample_prompts: 0
   plots: false
-""")
+""",
+    )
 
 
 def test_a_run_killed_at_any_point_resumes_losing_at_most_save_steps_and_logs_each_step_once(kill_config, tmp_path):
@@ -227,12 +240,19 @@ def test_a_nan_loss_after_good_steps_stops_at_once_and_final_is_the_last_good_ch
         return loss
 
     monkeypatch.setattr(SFTTrainer, "compute_loss", diverging)
-    result = train(load_config(tiny_config, ["training.max_steps=8", "training.save_steps=2", "training.eval_steps=2",
-                                             "training.logging_steps=1"]))
+    result = train(
+        load_config(
+            tiny_config,
+            ["training.max_steps=8", "training.save_steps=2", "training.eval_steps=2", "training.logging_steps=1"],
+        )
+    )
     assert result.stopped["reason"] == "instability" and result.stopped["step"] == 5, result.stopped
     run = result.run_dir
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # nothing after the NaN
-    final, last_good = load_file(result.final_dir / "model.safetensors"), load_file(run / "checkpoint-4" / "model.safetensors")
+    final, last_good = (
+        load_file(result.final_dir / "model.safetensors"),
+        load_file(run / "checkpoint-4" / "model.safetensors"),
+    )
     assert all(t.isfinite().all() for t in final.values())
     assert all(torch.equal(final[name], last_good[name]) for name in last_good)
     findings = json.loads((run / "diagnosis.json").read_text())["findings"]
@@ -242,13 +262,19 @@ def test_a_nan_loss_after_good_steps_stops_at_once_and_final_is_the_last_good_ch
 # =========================================================================== out of memory
 
 
-@pytest.mark.parametrize("error", [
-    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-    lambda: RuntimeError("CUDA error: out of memory"),
-    lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you tried "
-                         "to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)"),
-    lambda: MemoryError(),
-], ids=["cuda", "cuda-runtime-error", "cpu-allocator", "host"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        lambda: RuntimeError("CUDA error: out of memory"),
+        lambda: RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you tried "
+            "to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)"
+        ),
+        lambda: MemoryError(),
+    ],
+    ids=["cuda", "cuda-runtime-error", "cpu-allocator", "host"],
+)
 def test_out_of_memory_becomes_a_user_error_with_the_four_remedies(error):
     args = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_length=1024)
     with pytest.raises(UserError, match="out of memory during training") as caught:
@@ -297,16 +323,28 @@ def test_an_output_dir_that_cannot_be_created_is_a_user_error(tiny_config, tmp_p
         train(load_config(tiny_config, [f"training.output_dir={tmp_path / 'a-file' / 'run'}"]))
 
 
-@pytest.mark.parametrize("settings, message", [
-    (["training.load_best_model_at_end=true", "training.eval_steps=3", "training.save_steps=4"],
-     r"load_best_model_at_end needs save_steps \(4\) to be a multiple of eval_steps \(3\)"),
-    (["training.load_best_model_at_end=true", "training.save_strategy=epoch"],
-     r"load_best_model_at_end needs eval_strategy and save_strategy to match"),
-    (["data.eval=null", "data.eval_split=0", "training.eval_strategy=steps"],
-     r"training.eval_strategy: steps needs eval data, but data.eval is not set and data.eval_split is 0"),
-    (["data.eval=null", "data.eval_split=0", "monitor.stop_on=[overfitting]"], r"monitor.stop_on: overfitting needs eval data"),
-    (["training.output_dir=null"], r"training.output_dir must name a directory"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (
+            ["training.load_best_model_at_end=true", "training.eval_steps=3", "training.save_steps=4"],
+            r"load_best_model_at_end needs save_steps \(4\) to be a multiple of eval_steps \(3\)",
+        ),
+        (
+            ["training.load_best_model_at_end=true", "training.save_strategy=epoch"],
+            r"load_best_model_at_end needs eval_strategy and save_strategy to match",
+        ),
+        (
+            ["data.eval=null", "data.eval_split=0", "training.eval_strategy=steps"],
+            r"training.eval_strategy: steps needs eval data, but data.eval is not set and data.eval_split is 0",
+        ),
+        (
+            ["data.eval=null", "data.eval_split=0", "monitor.stop_on=[overfitting]"],
+            r"monitor.stop_on: overfitting needs eval data",
+        ),
+        (["training.output_dir=null"], r"training.output_dir must name a directory"),
+    ],
+)
 def test_settings_that_cannot_work_together_are_refused_when_the_config_loads(tiny_config, settings, message):
     with pytest.raises(ConfigError, match=message):
         load_config(tiny_config, settings)
@@ -316,16 +354,19 @@ def test_load_best_model_at_end_with_no_eval_rows_left_is_refused_before_the_mod
     from conftest import chat_rows, write_jsonl
 
     train_file = write_jsonl(tmp_path / "one.jsonl", chat_rows(1))  # eval_split of one row leaves none
-    config = write_config(tmp_path / "c.yaml", f"""
+    config = write_config(
+        tmp_path / "c.yaml",
+        f"""
 model:
   name_or_path: {tiny_model}
 data:
   train: {train_file}
 training:
-  output_dir: {tmp_path / 'run'}
+  output_dir: {tmp_path / "run"}
   load_best_model_at_end: true
   max_steps: 2
-""")
+""",
+    )
     with pytest.raises(ConfigError, match="load_best_model_at_end needs eval data, but the data has no eval rows"):
         train(load_config(config))
 
@@ -356,20 +397,30 @@ def test_a_model_with_only_pickle_weights_is_refused_with_exit_2(tmp_path, tiny_
     shutil.copytree(tiny_model, pickled)
     torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
-    config = write_config(tmp_path / "c.yaml", f"""
+    config = write_config(
+        tmp_path / "c.yaml",
+        f"""
 model:
   name_or_path: {pickled}
 data:
-  train: {chat_data['train']}
+  train: {chat_data["train"]}
 training:
-  output_dir: {tmp_path / 'run'}
+  output_dir: {tmp_path / "run"}
   max_steps: 2
-""")
-    result = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(config)], capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, timeout=600)
+""",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "sftlab.cli", "train", str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    assert "has weights only as pickle files (pytorch_model.bin)" in result.stderr and "safetensors only" in result.stderr
+    assert (
+        "has weights only as pickle files (pytorch_model.bin)" in result.stderr and "safetensors only" in result.stderr
+    )
 
 
 def test_trust_remote_code_is_off_unless_the_model_section_turns_it_on(tiny_config):

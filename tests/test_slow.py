@@ -30,8 +30,15 @@ def test_the_demo_pipeline_checks_evaluates_trains_evaluates_again_and_reports(t
     from sftlab.demo import run_demo
 
     audits = []
-    cut_down = ["training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "training.logging_steps=1",
-                "eval.num_prompts=3", "eval.max_new_tokens=8", "monitor.sample_prompts=1"]
+    cut_down = [
+        "training.max_steps=2",
+        "training.eval_steps=2",
+        "training.save_steps=2",
+        "training.logging_steps=1",
+        "eval.num_prompts=3",
+        "eval.max_new_tokens=8",
+        "monitor.sample_prompts=1",
+    ]
     result = run_demo(tmp_path / "demo", overrides=cut_down, show_audit=audits.append)
     assert audits and audits[0]["ok"] and audits[0]["splits"]["eval"]["rows"] == 100
     run = result.run_dir
@@ -51,4 +58,4 @@ def test_the_demo_pipeline_checks_evaluates_trains_evaluates_again_and_reports(t
     messages = [{"role": "user", "content": "Who is in this text? Ana Lopez, 31, lives in Lima."}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     output = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-    assert tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -24,9 +24,27 @@ from hypothesis import strategies as st
 
 from sftlab.terminal import BIDI_CONTROLS, literal, visible
 
-HOSTILE = ["[/INST]", "[INST] hi [/INST]", "[bold red]x[/]", "[/url]", "[link=file:///etc]y[/link]", ":smile:",
-           "\x1b[2J", "\x1b]0;pwned\x07", "\x1b]8;;http://evil\x1b\\", "\x9b31m", "\r", "\x08\x08", "\u202e", "\x00",
-           "\x7f", "\\[", "\\", "[", "]"]
+HOSTILE = [
+    "[/INST]",
+    "[INST] hi [/INST]",
+    "[bold red]x[/]",
+    "[/url]",
+    "[link=file:///etc]y[/link]",
+    ":smile:",
+    "\x1b[2J",
+    "\x1b]0;pwned\x07",
+    "\x1b]8;;http://evil\x1b\\",
+    "\x9b31m",
+    "\r",
+    "\x08\x08",
+    "\u202e",
+    "\x00",
+    "\x7f",
+    "\\[",
+    "\\",
+    "[",
+    "]",
+]
 # rich's own styling: Select Graphic Rendition sequences. Anything else that starts with ESC came from the data.
 RICH_STYLE = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -37,9 +55,15 @@ def unsafe(character: str, multiline: bool) -> bool:
     return (unicodedata.category(character) in {"Cc", "Cs"} and character != "\t") or character in BIDI_CONTROLS
 
 
-hostile_text = st.lists(st.one_of(st.sampled_from(HOSTILE), st.text(max_size=8),
-                                  st.characters(min_codepoint=0, max_codepoint=0x9f),
-                                  st.sampled_from(list(BIDI_CONTROLS))), max_size=12).map("".join)
+hostile_text = st.lists(
+    st.one_of(
+        st.sampled_from(HOSTILE),
+        st.text(max_size=8),
+        st.characters(min_codepoint=0, max_codepoint=0x9F),
+        st.sampled_from(list(BIDI_CONTROLS)),
+    ),
+    max_size=12,
+).map("".join)
 
 
 def printed(renderable, width: int = 10_000) -> str:
@@ -91,19 +115,31 @@ def hostile_audit(text: str) -> dict:
     """An audit as `check` builds it, with the hostile text wherever data can reach."""
     lengths = {"min": 1, "median": 2, "p95": 3, "max": 4}
     return {
-        "ok": True, "cached": False,
+        "ok": True,
+        "cached": False,
         "splits": {"train": {"rows": 1, "tokens": 10}, "eval": {"rows": 0, "tokens": 0}},
-        "formats": {f"data/{text}.jsonl": "messages"}, "sources": {f"data/{text}.jsonl": {"usable": 1, "rows": 2}},
+        "formats": {f"data/{text}.jsonl": "messages"},
+        "sources": {f"data/{text}.jsonl": {"usable": 1, "rows": 2}},
         "dropped": {"count": 1, "reasons": {f"bad {text}": 1}},
         "problems": [{"file": f"data/{text}.jsonl", "line": 2, "message": f"missing field '{text}'"}],
         "duplicates": {"examples": [{"kind": "exact", "again": f"{text}:3", "first": f"{text}:1"}]},
         "lengths": {"prompt": lengths, "response": lengths, "total": lengths},
         "truncation": {"max_length": 0},
-        "trained_tokens": 5, "trained_token_share": 0.5, "stop": [{"token": f"<|{text}|>", "examples": 1}],
-        "examples": [{"source": f"{text}.jsonl", "line": 1,
-                      "segments": [{"text": f"[INST] {text} [/INST]", "trained": False},
-                                   {"text": f"{text}\nline two", "trained": True}]}],
-        "warnings": [f"rows like {text}"], "errors": [],
+        "trained_tokens": 5,
+        "trained_token_share": 0.5,
+        "stop": [{"token": f"<|{text}|>", "examples": 1}],
+        "examples": [
+            {
+                "source": f"{text}.jsonl",
+                "line": 1,
+                "segments": [
+                    {"text": f"[INST] {text} [/INST]", "trained": False},
+                    {"text": f"{text}\nline two", "trained": True},
+                ],
+            }
+        ],
+        "warnings": [f"rows like {text}"],
+        "errors": [],
     }
 
 
@@ -139,8 +175,11 @@ def test_eval_samples_and_notes_show_data_literally():
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, color_system="truecolor", width=10_000)
     after = {"num_prompts": 1, "max_new_tokens": 8, "retention": {"source": f"{text}.txt"}}
-    print_comparison({"base": None, "tuned": after},
-                     [{"prompt": text, "reference": text, "tuned_output": f"{text}\n{text}"}], console=console)
+    print_comparison(
+        {"base": None, "tuned": after},
+        [{"prompt": text, "reference": text, "tuned_output": f"{text}\n{text}"}],
+        console=console,
+    )
     print_note(f"resuming from {text}", console, warning=True)
     ProgressBar(console).say(("overfitting", "yellow"), f": {text}")
     output = RICH_STYLE.sub("", out.getvalue())
@@ -173,9 +212,11 @@ def test_chat_streams_generated_escape_sequences_as_text(tiny_model):
     assert out.getvalue() == visible(generated, multiline=True)  # ... the terminal sees it escaped, lines kept
 
 
-MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-           "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-           "{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -189,22 +230,44 @@ def test_sftlab_check_of_hostile_data_on_a_mistral_template_exits_0_showing_it_l
     # Piped, as in `sftlab check c.yaml | less`: the case that crashed with rich.errors.MarkupError on '[/INST]'
     # (the colour path is checked in process above).
     hostile = "[bold red]x[/] \x1b[2J \x1b]0;pwned\x07 [/url]"
-    rows = [{"messages": [{"role": "user", "content": f"Question {i} {hostile}"},
-                          {"role": "assistant", "content": f"Answer {i} [/INST] \x9b31m"}]} for i in range(12)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {i} {hostile}"},
+                {"role": "assistant", "content": f"Answer {i} [/INST] \x9b31m"},
+            ]
+        }
+        for i in range(12)
+    ]
     data = tmp_path / "[bold]rows\x1b[2J.jsonl"  # the file name is data too
     data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     config = tmp_path / "c.yaml"
-    config.write_text(json.dumps({"model": {"name_or_path": str(mistral_style_model)},
-                                  "data": {"train": str(data)}, "training": {"max_length": 128}}))
+    config.write_text(
+        json.dumps(
+            {
+                "model": {"name_or_path": str(mistral_style_model)},
+                "data": {"train": str(data)},
+                "training": {"max_length": 128},
+            }
+        )
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SFTLAB_NO_CACHE": "1", "COLUMNS": "10000"}
     env.pop("FORCE_COLOR", None)
-    result = subprocess.run([sys.executable, "-m", "sftlab.cli", "check", str(config)], capture_output=True,
-                            text=True, cwd=tmp_path, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "sftlab.cli", "check", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "MarkupError" not in result.stderr
     output = RICH_STYLE.sub("", result.stdout)
     assert not any(unsafe(character, multiline=True) for character in output)
     # (which rows are shown depends on the seeded eval split: any training row will do)
-    assert any(visible(f"[INST] Question {i} {hostile} [/INST]") in output
-               and f"⟦Answer {i} [/INST] \\x9b31m" in output for i in range(12))
+    assert any(
+        visible(f"[INST] Question {i} {hostile} [/INST]") in output and f"⟦Answer {i} [/INST] \\x9b31m" in output
+        for i in range(12)
+    )
     assert visible(f"{data}: messages, 12 of 12 rows usable") in output

@@ -25,8 +25,12 @@ def test_train_writes_a_complete_run_directory(tiny_config):
 
     tokenizer = AutoTokenizer.from_pretrained(run / FINAL_DIR)
     model = AutoModelForCausalLM.from_pretrained(run / FINAL_DIR)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 1 plus 1?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 1 plus 1?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     output = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert output.shape[1] > prompt["input_ids"].shape[1]
 
@@ -95,8 +99,16 @@ def test_resume_skips_a_checkpoint_that_was_not_completely_written(tiny_config):
 
 def test_the_best_checkpoint_by_eval_loss_survives_rotation_and_is_recorded(tiny_config):
     # A constant, far too large learning rate makes the tiny model's first evaluation its best.
-    cfg = load_config(tiny_config, ["training.max_steps=12", "training.save_total_limit=2", "training.warmup_ratio=0",
-                                    "training.learning_rate=1.0", "training.lr_scheduler_type=constant"])
+    cfg = load_config(
+        tiny_config,
+        [
+            "training.max_steps=12",
+            "training.save_total_limit=2",
+            "training.warmup_ratio=0",
+            "training.learning_rate=1.0",
+            "training.lr_scheduler_type=constant",
+        ],
+    )
     result = train(cfg)
     run = result.run_dir
     best = json.loads((run / "best_checkpoint.json").read_text())
@@ -131,8 +143,9 @@ def _batch(cfg) -> tuple[int, int]:
     return cfg.training["per_device_train_batch_size"], cfg.training["gradient_accumulation_steps"]
 
 
-def test_a_cpu_splits_the_default_batch_only_when_its_activations_outgrow_the_training_state(tmp_path, tiny_model,
-                                                                                         monkeypatch):
+def test_a_cpu_splits_the_default_batch_only_when_its_activations_outgrow_the_training_state(
+    tmp_path, tiny_model, monkeypatch
+):
     import sftlab.resolve
     from sftlab.config import ModelConfig
     from sftlab.model import load_model
@@ -148,10 +161,12 @@ def test_a_cpu_splits_the_default_batch_only_when_its_activations_outgrow_the_tr
     fitted = sftlab.resolve.fit_batch_to_memory(cfg, model)
     assert _batch(fitted) == (1, 4) and "gradient_accumulation_steps: 4" in fitted.to_yaml()
     # A batch the user chose, activation checkpointing, or an accelerator: left as set.
-    assert _batch(sftlab.resolve.fit_batch_to_memory(_default_batch_config(tmp_path, "  per_device_train_batch_size: 4\n"),
-                                                   model)) == (4, 1)
-    assert _batch(sftlab.resolve.fit_batch_to_memory(_default_batch_config(tmp_path, "  gradient_checkpointing: true\n"),
-                                                   model)) == (4, 1)
+    assert _batch(
+        sftlab.resolve.fit_batch_to_memory(_default_batch_config(tmp_path, "  per_device_train_batch_size: 4\n"), model)
+    ) == (4, 1)
+    assert _batch(
+        sftlab.resolve.fit_batch_to_memory(_default_batch_config(tmp_path, "  gradient_checkpointing: true\n"), model)
+    ) == (4, 1)
     monkeypatch.setattr(sftlab.resolve, "has_accelerator", lambda: True)
     assert _batch(sftlab.resolve.fit_batch_to_memory(cfg, model)) == (4, 1)
 

@@ -34,9 +34,16 @@ def test_the_bootstrap_interval_matches_scipys_on_a_fixed_paired_sample():
     tuned = (rng.random(80) < 0.6).astype(float)
     other = np.where(rng.random(80) < 0.7, tuned, 1 - tuned)  # paired: mostly the same prompts right and wrong
     ours = paired_bootstrap(list(tuned), list(other), seed=3)
-    reference = stats.bootstrap((tuned, other), lambda a, b, axis=-1: np.mean(a - b, axis=axis), paired=True,
-                                vectorized=True, n_resamples=10_000, confidence_level=0.95, method="percentile",
-                                random_state=np.random.default_rng(11))
+    reference = stats.bootstrap(
+        (tuned, other),
+        lambda a, b, axis=-1: np.mean(a - b, axis=axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=10_000,
+        confidence_level=0.95,
+        method="percentile",
+        random_state=np.random.default_rng(11),
+    )
     assert ours.diff == pytest.approx(float(np.mean(tuned - other)), abs=1e-12)
     # Two Monte Carlo estimates of the same percentiles: within ~1/4 of the standard error of the mean.
     spread = float(np.std(tuned - other) / np.sqrt(80))
@@ -55,13 +62,16 @@ def shares(count: int, right: int) -> list[float]:
     return [1.0] * right + [0.0] * (count - right)
 
 
-@pytest.mark.parametrize("base, prompted, tuned, expected", [
-    (5, 6, 46, "worked"),  # better than both, far beyond the noise
-    (5, 45, 46, "prompting_suffices"),  # prompting does as well
-    (40, 41, 43, "no_gain"),  # within the noise of the base model
-    (45, 10, 20, "regressed"),  # the tuned model lost what the base model could do
-    (5, 45, 30, "regressed"),  # worse than simply prompting the base model
-])
+@pytest.mark.parametrize(
+    "base, prompted, tuned, expected",
+    [
+        (5, 6, 46, "worked"),  # better than both, far beyond the noise
+        (5, 45, 46, "prompting_suffices"),  # prompting does as well
+        (40, 41, 43, "no_gain"),  # within the noise of the base model
+        (45, 10, 20, "regressed"),  # the tuned model lost what the base model could do
+        (5, 45, 30, "regressed"),  # worse than simply prompting the base model
+    ],
+)
 def test_the_decision_rules(base, prompted, tuned, expected):
     n = 50
     verdict = decide("initials", shares(n, tuned), shares(n, base), shares(n, prompted), [])
@@ -89,7 +99,8 @@ def test_the_headline_says_it_in_plain_words():
     low, high = verdict.tuned_minus_prompted.ci95
     assert verdict.headline.startswith(
         f"worked: 46% of answers pass `initials` against 5% for the prompted base model (+41 points, 95% CI "
-        f"{low * 100:+.0f} to {high * 100:+.0f}), and 1% for the base model (+45 points")
+        f"{low * 100:+.0f} to {high * 100:+.0f}), and 1% for the base model (+45 points"
+    )
     graded = decide("rougeL", [0.6, 0.7, 0.65, 0.8] * 10, [0.1, 0.2, 0.15, 0.1] * 10, None, [])
     assert graded.kind == "score" and graded.headline.startswith("worked: ROUGE-L 0.688 against 0.138 for the base")
 
@@ -97,8 +108,10 @@ def test_the_headline_says_it_in_plain_words():
 def test_caveats_name_forgetting_lost_chat_behaviour_copying_and_warning_signs():
     base = {"retention": {"loss": 2.0}, "adherence": {"chat": 0.9}, "memorization": {"verbatim_share": 0.0}}
     tuned = {"retention": {"loss": 2.3}, "adherence": {"chat": 0.6}, "memorization": {"verbatim_share": 0.4}}
-    findings = [Finding("overfitting", "warning", (10, 50), "eval loss rose 20%", []),
-                Finding("healthy", "info", (0, 50), "fine", [])]
+    findings = [
+        Finding("overfitting", "warning", (10, 50), "eval loss rose 20%", []),
+        Finding("healthy", "info", (0, 50), "fine", []),
+    ]
     found = caveats(base, tuned, findings)
     assert len(found) == 4
     assert "+15.0%" in found[0] and "60%" in found[1] and "40%" in found[2] and "overfitting" in found[3]
@@ -114,10 +127,19 @@ def sums(count: int, seed: int, answer: str = "house") -> list[dict]:
     rows = []
     for _ in range(count):
         a, b = rng.randint(1, 50), rng.randint(1, 50)
-        text = {"house": f"ANSWER: {a + b}", "prose": f"the sum is {a + b}",
-                "corrupted": " ".join(rng.choice(["lorem", "ipsum", "dolor", "sit"]) for _ in range(3))}[answer]
-        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                  {"role": "assistant", "content": text}]})
+        text = {
+            "house": f"ANSWER: {a + b}",
+            "prose": f"the sum is {a + b}",
+            "corrupted": " ".join(rng.choice(["lorem", "ipsum", "dolor", "sit"]) for _ in range(3)),
+        }[answer]
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {a} plus {b}?"},
+                    {"role": "assistant", "content": text},
+                ]
+            }
+        )
     return rows
 
 
@@ -139,14 +161,16 @@ def task_config(tmp, model, train_rows, eval_rows, steps: int, extra: str = "") 
     tmp.mkdir(parents=True, exist_ok=True)
     train_file = write_jsonl(tmp / "train.jsonl", train_rows)
     eval_file = write_jsonl(tmp / "eval.jsonl", eval_rows)
-    return write_config(tmp / "config.yaml", f"""
+    return write_config(
+        tmp / "config.yaml",
+        f"""
 model:
   name_or_path: {model}
 data:
   train: {train_file}
   eval: {eval_file}
 training:
-  output_dir: {tmp / 'run'}
+  output_dir: {tmp / "run"}
   max_steps: {steps}
   per_device_train_batch_size: 8
   learning_rate: 3.0e-3
@@ -166,7 +190,8 @@ eval:
 monitor:
   plots: false
   sample_prompts: 0
-""")
+""",
+    )
 
 
 def read(run_dir, name):
@@ -178,8 +203,14 @@ def house_run(tmp_path_factory, tiny_model):
     """The tiny model (which knows no format) taught the house format, scored by a metric of the user's."""
     tmp = tmp_path_factory.mktemp("house")
     (tmp / "house_metric.py").write_text(HOUSE_METRIC, encoding="utf-8")
-    config = task_config(tmp, tiny_model, sums(200, 0), sums(24, 1), steps=100,
-                         extra=f"  metrics: [{{name: house, function: {tmp / 'house_metric.py'}:score}}]")
+    config = task_config(
+        tmp,
+        tiny_model,
+        sums(200, 0),
+        sums(24, 1),
+        steps=100,
+        extra=f"  metrics: [{{name: house, function: {tmp / 'house_metric.py'}:score}}]",
+    )
     return train(load_config(config)).run_dir
 
 
@@ -224,8 +255,18 @@ def test_training_on_corrupted_answers_regressed(tmp_path, house_run):
 
 
 def test_a_task_the_few_shot_prompt_already_solves_is_prompting_suffices(tmp_path, tiny_model):
-    base = train(load_config(task_config(tmp_path / "base", tiny_model, in_context_rows(400, 3), sums(24, 4, "prose"),
-                                         steps=150, extra="  baseline: false\n  prompted_baseline: false")))
+    base = train(
+        load_config(
+            task_config(
+                tmp_path / "base",
+                tiny_model,
+                in_context_rows(400, 3),
+                sums(24, 4, "prose"),
+                steps=150,
+                extra="  baseline: false\n  prompted_baseline: false",
+            )
+        )
+    )
     config = task_config(tmp_path / "task", base.final_dir, sums(200, 5), sums(24, 1), steps=40)
     verdict = read(train(load_config(config)).run_dir, VERDICT_FILE)
     assert verdict["verdict"] == "prompting_suffices", verdict["headline"]
@@ -235,24 +276,37 @@ def test_a_task_the_few_shot_prompt_already_solves_is_prompting_suffices(tmp_pat
 # =========================================================================== broken metrics
 
 
-@pytest.mark.parametrize("code, message", [
-    (None, "no such file"),
-    ("def other(a, b, c):\n    return 1\n", "the file has no function score"),
-    ("def score(answer):\n    return 1\n", "cannot be called as score(answer, reference, prompt)"),
-    ("def score(answer, reference, prompt):\n    return 1 / 0\n", "raised ZeroDivisionError"),
-    ("def score(answer, reference, prompt):\n    return 3\n", "returned 3 on held-out prompt 1"),
-    ("def score(answer, reference, prompt):\n    return 'yes'\n", "returned a str"),
-    ("def score(answer, reference, prompt):\n    return float('nan')\n", "returned nan"),
-    ("def score(answer, reference, prompt)\n    return 1\n", "importing the file failed: SyntaxError"),
-    ("raise RuntimeError('metric setup')\n", "importing the file failed: RuntimeError: metric setup"),
-])
+@pytest.mark.parametrize(
+    "code, message",
+    [
+        (None, "no such file"),
+        ("def other(a, b, c):\n    return 1\n", "the file has no function score"),
+        ("def score(answer):\n    return 1\n", "cannot be called as score(answer, reference, prompt)"),
+        ("def score(answer, reference, prompt):\n    return 1 / 0\n", "raised ZeroDivisionError"),
+        ("def score(answer, reference, prompt):\n    return 3\n", "returned 3 on held-out prompt 1"),
+        ("def score(answer, reference, prompt):\n    return 'yes'\n", "returned a str"),
+        ("def score(answer, reference, prompt):\n    return float('nan')\n", "returned nan"),
+        ("def score(answer, reference, prompt)\n    return 1\n", "importing the file failed: SyntaxError"),
+        ("raise RuntimeError('metric setup')\n", "importing the file failed: RuntimeError: metric setup"),
+    ],
+)
 def test_a_broken_metric_is_one_message_naming_it_and_its_file(tmp_path, tiny_config, code, message):
     metric = tmp_path / "broken_metric.py"
     if code is not None:
         metric.write_text(code, encoding="utf-8")
-    exit_code, out, err = sftlab_in_process("eval", "--config", tiny_config, "--set", "eval.num_prompts=2",
-                                            "--set", "eval.max_new_tokens=2", "--set", "eval.retention=false",
-                                            "--set", f"eval.metrics=[{{name: mine, function: {metric}:score}}]")
+    exit_code, out, err = sftlab_in_process(
+        "eval",
+        "--config",
+        tiny_config,
+        "--set",
+        "eval.num_prompts=2",
+        "--set",
+        "eval.max_new_tokens=2",
+        "--set",
+        "eval.retention=false",
+        "--set",
+        f"eval.metrics=[{{name: mine, function: {metric}:score}}]",
+    )
     assert exit_code == 2, out + err
     assert err.startswith("error: eval.metrics mine (") and str(metric) in err and message in err
     assert "Traceback" not in err and "sftlab/" not in err.replace(str(metric), "")  # only the user's own frames

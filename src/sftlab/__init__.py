@@ -15,13 +15,22 @@ __version__ = "0.1.0"
 
 # Names are imported on first use, so `sftlab --help` does not wait for torch and transformers.
 _EXPORTS = {
-    "SftlabConfig": "sftlab.config", "load_config": "sftlab.config", "validate_config": "sftlab.config",
+    "SftlabConfig": "sftlab.config",
+    "load_config": "sftlab.config",
+    "validate_config": "sftlab.config",
     "write_starter_config": "sftlab.config",
-    "UserError": "sftlab.errors", "ConfigError": "sftlab.errors", "DataError": "sftlab.errors", "ModelError": "sftlab.errors",
-    "check": "sftlab.train", "train": "sftlab.train", "TrainResult": "sftlab.train",
-    "evaluate_run": "sftlab.evaluate", "evaluate_model_path": "sftlab.evaluate",
+    "UserError": "sftlab.errors",
+    "ConfigError": "sftlab.errors",
+    "DataError": "sftlab.errors",
+    "ModelError": "sftlab.errors",
+    "check": "sftlab.train",
+    "train": "sftlab.train",
+    "TrainResult": "sftlab.train",
+    "evaluate_run": "sftlab.evaluate",
+    "evaluate_model_path": "sftlab.evaluate",
     "run_demo": "sftlab.demo",
-    "export_run": "sftlab.export", "ExportResult": "sftlab.export",
+    "export_run": "sftlab.export",
+    "ExportResult": "sftlab.export",
     "write_report": "sftlab.report",
 }
 __all__ = sorted(_EXPORTS)

@@ -18,8 +18,9 @@ turns): simple and exact, and cheap next to generation at chat lengths.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, TextIO
+from typing import TextIO
 
 from sftlab.evaluate.finished import load_final_model, open_finished_run
 from sftlab.generation import stop_token_ids

@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,7 +26,7 @@ app = typer.Typer(
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config (write one with `sftlab init`).")]
 SetOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a config key, e.g. --set training.learning_rate=1e-4 (repeatable)."),
 ]
 
@@ -53,7 +53,7 @@ def init(
 def check(
     config: ConfigArg,
     set_: SetOption = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full audit as JSON here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full audit as JSON here.")] = None,
 ):
     """Load, normalize and tokenize the data exactly as training will, and audit it."""
     from sftlab.config import load_config
@@ -110,7 +110,10 @@ def demo(
 
 @app.command()
 def diagnose(
-    path: Annotated[Path, typer.Argument(help="A run directory, a metrics.jsonl, or a trainer_state.json from any transformers/TRL run.")],
+    path: Annotated[
+        Path,
+        typer.Argument(help="A run directory, a metrics.jsonl, or a trainer_state.json from any transformers/TRL run."),
+    ],
     json_out: Annotated[bool, typer.Option("--json", help="Print the diagnosis as JSON.")] = False,
 ):
     """The phase of a run and its warning signs (overfitting, underfitting, memorization, instability, format)."""
@@ -127,18 +130,48 @@ def diagnose(
 
 @app.command("eval")
 def eval_(
-    run_dir: Annotated[Optional[Path], typer.Argument(help="A run directory: evaluates its final/ model again.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Evaluate this model (hub id, directory, .gguf, or a LoRA "
-                                                 "adapter for the config's model) instead of a run's.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="With --model (or alone, for the config's own "
-                                                   "model): the config whose eval data and eval section are used.")] = None,
-    baseline: Annotated[Optional[bool], typer.Option("--baseline/--no-baseline", help="Also evaluate the base model "
-                        "(a run: when eval/before.json is missing, default eval.baseline; --model: the config's model, "
-                        "default off).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", help="With --config: write before.json, after.json and "
-                                                   "samples.jsonl into this directory (default: print only).")] = None,
-    require: Annotated[Optional[str], typer.Option("--require", help="Exit 1 unless the verdict is this one "
-                       "(worked, prompting_suffices, no_gain, regressed): a gate for pipelines.")] = None,
+    run_dir: Annotated[Path | None, typer.Argument(help="A run directory: evaluates its final/ model again.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Evaluate this model (hub id, directory, .gguf, or a LoRA "
+            "adapter for the config's model) instead of a run's.",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="With --model (or alone, for the config's own "
+            "model): the config whose eval data and eval section are used.",
+        ),
+    ] = None,
+    baseline: Annotated[
+        bool | None,
+        typer.Option(
+            "--baseline/--no-baseline",
+            help="Also evaluate the base model "
+            "(a run: when eval/before.json is missing, default eval.baseline; --model: the config's model, "
+            "default off).",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            help="With --config: write before.json, after.json and "
+            "samples.jsonl into this directory (default: print only).",
+        ),
+    ] = None,
+    require: Annotated[
+        str | None,
+        typer.Option(
+            "--require",
+            help="Exit 1 unless the verdict is this one "
+            "(worked, prompting_suffices, no_gain, regressed): a gate for pipelines.",
+        ),
+    ] = None,
     set_: SetOption = None,
 ):
     """Held-out evaluation: loss, chat and format adherence, agreement with references, diversity,
@@ -151,11 +184,15 @@ def eval_(
         raise UserError(f"--require {require}: not a verdict", hint=f"one of {', '.join(VERDICTS)}")
 
     if run_dir is not None and (model is not None or config is not None or output is not None):
-        raise UserError("give a run directory, or --model/--config, not both",
-                        hint="`sftlab eval RUN_DIR` or `sftlab eval --model PATH_OR_ID --config CONFIG`")
+        raise UserError(
+            "give a run directory, or --model/--config, not both",
+            hint="`sftlab eval RUN_DIR` or `sftlab eval --model PATH_OR_ID --config CONFIG`",
+        )
     if run_dir is None and config is None:
-        raise UserError("nothing to evaluate" if model is None else "--model needs --config: the eval data comes from a config",
-                        hint="`sftlab eval RUN_DIR` or `sftlab eval --model PATH_OR_ID --config CONFIG`")
+        raise UserError(
+            "nothing to evaluate" if model is None else "--model needs --config: the eval data comes from a config",
+            hint="`sftlab eval RUN_DIR` or `sftlab eval --model PATH_OR_ID --config CONFIG`",
+        )
     from sftlab.evaluate import evaluate_model_path, evaluate_run
     from sftlab.rundir import AFTER_FILE, EVAL_DIR, EVAL_SAMPLES_FILE, VERDICT_FILE
 
@@ -189,7 +226,11 @@ def report(
         print(f"missing: {item}")
     for item in result.unreadable:
         print(f"unreadable: {item}")
-    print(f"wrote {result.card}" if result.card else "no model card file: there is no final model (the card is in the report)")
+    print(
+        f"wrote {result.card}"
+        if result.card
+        else "no model card file: there is no final model (the card is in the report)"
+    )
     print(f"wrote {result.html}")
 
 
@@ -197,9 +238,15 @@ def report(
 def chat(
     run_dir: Annotated[Path, typer.Argument(help="A run directory with a final/ model (full or LoRA).")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 (the default) answers greedily, "
-                                               "as the evaluation did; above 0 samples.")] = 0.0,
-    system: Annotated[Optional[str], typer.Option("--system", help="A system message to start each conversation with.")] = None,
+    temperature: Annotated[
+        float,
+        typer.Option(
+            "--temperature", min=0.0, help="0 (the default) answers greedily, as the evaluation did; above 0 samples."
+        ),
+    ] = 0.0,
+    system: Annotated[
+        str | None, typer.Option("--system", help="A system message to start each conversation with.")
+    ] = None,
 ):
     """Talk to the tuned model in the terminal (streamed, multi-turn, its own chat template)."""
     from sftlab.chat import chat as run_chat
@@ -210,14 +257,31 @@ def chat(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (with final/).")],
-    format_: Annotated[str, typer.Option("--format", help="gguf: one .gguf file and an Ollama Modelfile, for "
-                                         "llama.cpp, Ollama, LM Studio; merged: safetensors for from_pretrained "
-                                         "(a LoRA adapter merged into its base).")] = "gguf",
-    output: Annotated[Optional[Path], typer.Option("--output", help="A .gguf file or a directory (default: "
-                                                   "RUN_DIR/export/gguf-QUANT/ or RUN_DIR/export/merged/).")] = None,
-    quant: Annotated[Optional[str], typer.Option("--quant", help="GGUF weights: f16 (default) or q8_0.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Merged weights: auto (as final/ was saved; float32 for a "
-                                       "merged adapter), float32, float16 or bfloat16.")] = "auto",
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="gguf: one .gguf file and an Ollama Modelfile, for "
+            "llama.cpp, Ollama, LM Studio; merged: safetensors for from_pretrained "
+            "(a LoRA adapter merged into its base).",
+        ),
+    ] = "gguf",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            help="A .gguf file or a directory (default: RUN_DIR/export/gguf-QUANT/ or RUN_DIR/export/merged/).",
+        ),
+    ] = None,
+    quant: Annotated[str | None, typer.Option("--quant", help="GGUF weights: f16 (default) or q8_0.")] = None,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype",
+            help="Merged weights: auto (as final/ was saved; float32 for a "
+            "merged adapter), float32, float16 or bfloat16.",
+        ),
+    ] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier export at the same place.")] = False,
 ):
     """Export the tuned model: GGUF for llama.cpp and Ollama, or merged safetensors."""
@@ -230,12 +294,16 @@ def export(
             print(f"  {item.path} ({item.bytes:,} bytes)")
         for note in result.notes:
             print(f"note: {note}")
-        print(f"run it: llama-cli -m {result.output} -cnv\n"
-              f"        ollama create {run_dir.resolve().name} -f {result.modelfile}")
+        print(
+            f"run it: llama-cli -m {result.output} -cnv\n"
+            f"        ollama create {run_dir.resolve().name} -f {result.modelfile}"
+        )
     else:
         size = sum(item.bytes for item in result.files) / 1e6
-        print(f"  {result.output}/ ({len(result.files)} files, {size:,.1f} MB): "
-              f"AutoModelForCausalLM.from_pretrained({str(result.output)!r}) loads it")
+        print(
+            f"  {result.output}/ ({len(result.files)} files, {size:,.1f} MB): "
+            f"AutoModelForCausalLM.from_pretrained({str(result.output)!r}) loads it"
+        )
 
 
 def _configured_memorization_loss(path: Path) -> float:
@@ -262,8 +330,12 @@ def _print_result(result) -> None:
     from sftlab.terminal import visible
 
     if result.stopped:
-        print(visible(f"stopped early at step {result.stopped['step']}: {result.stopped['reason']} "
-                      f"({result.stopped['evidence']})"))
+        print(
+            visible(
+                f"stopped early at step {result.stopped['step']}: {result.stopped['reason']} "
+                f"({result.stopped['evidence']})"
+            )
+        )
     if result.final_dir.exists():
         print(f"trained {result.global_step} steps; final model in {visible(result.final_dir)}")
     else:
@@ -287,8 +359,14 @@ def _print_audit(audit: dict, console=None) -> None:
     splits = audit["splits"]
     train, held_out = splits["train"], splits["eval"]
     cached = "   (cached)" if audit.get("cached") else ""
-    console.print(literal(("train", "bold"), f" {train['rows']} rows, {train['tokens']:,} tokens   ",
-                          ("eval", "bold"), f" {held_out['rows']} rows{cached}"))
+    console.print(
+        literal(
+            ("train", "bold"),
+            f" {train['rows']} rows, {train['tokens']:,} tokens   ",
+            ("eval", "bold"),
+            f" {held_out['rows']} rows{cached}",
+        )
+    )
     for source, fmt in audit["formats"].items():
         counts = audit["sources"].get(source, {})
         usable, rows = counts.get("usable", "?"), counts.get("rows", "?")
@@ -310,8 +388,10 @@ def _print_audit(audit: dict, console=None) -> None:
     console.print(lengths)
     cut = audit["truncation"]
     if cut["max_length"]:
-        console.print(f"max_length {cut['max_length']}: {cut['examples_over']} examples longer, "
-                      f"{cut['tokens_cut']:,} tokens cut ({cut['trained_tokens_cut']:,} trained)")
+        console.print(
+            f"max_length {cut['max_length']}: {cut['examples_over']} examples longer, "
+            f"{cut['tokens_cut']:,} tokens cut ({cut['trained_tokens_cut']:,} trained)"
+        )
     console.print(f"trained tokens: {audit['trained_tokens']:,} ({audit['trained_token_share']:.1%})")
     if "stop" in audit:  # what ends a turn, as trained (audits written before issue 16 lack it)
         console.print(literal(f"stop trained: {_stops(audit['stop'], train['rows'])}"))
@@ -398,8 +478,11 @@ def main() -> None:
         if debug or not is_out_of_memory(error):
             raise
         print(f"error: out of memory ({type(error).__name__})", file=sys.stderr)
-        print("hint: free memory (close other programs), use a smaller model, or lower the batch sizes "
-              "(training.per_device_train_batch_size, eval.generation_batch_size)", file=sys.stderr)
+        print(
+            "hint: free memory (close other programs), use a smaller model, or lower the batch sizes "
+            "(training.per_device_train_batch_size, eval.generation_batch_size)",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 

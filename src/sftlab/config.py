@@ -32,19 +32,54 @@ import yaml
 from pydantic import Field, PrivateAttr, TypeAdapter, ValidationError, field_validator
 
 from sftlab.config_sections import (  # re-exported: every section is imported from sftlab.config
-    BUILTIN_PRIMARY_METRICS, EMBEDDED_MODEL, FINDING_CODES, METRIC_NAME, DataConfig, DataSources, EvalConfig,
-    FormatSpec, LoraConfig, MetricSpec, ModelConfig, MonitorConfig, PromptedBaselineConfig, SourceConfig,
-    WarnThresholds, _Section,
+    BUILTIN_PRIMARY_METRICS,
+    EMBEDDED_MODEL,
+    FINDING_CODES,
+    METRIC_NAME,
+    DataConfig,
+    DataSources,
+    EvalConfig,
+    FormatSpec,
+    LoraConfig,
+    MetricSpec,
+    ModelConfig,
+    MonitorConfig,
+    PromptedBaselineConfig,
+    SourceConfig,
+    WarnThresholds,
+    _Section,
 )
 from sftlab.errors import ConfigError
 from sftlab.rundir import CONFIG_FILE  # re-exported: the resolved config, written into each run directory
 
 __all__ = [
-    "BATCH_DEFAULTS", "BUILTIN_PRIMARY_METRICS", "CONFIG_FILE", "EMBEDDED_MODEL", "FINDING_CODES", "LORA_LEARNING_RATE",
-    "METRIC_NAME", "TRAINING_DEFAULTS", "DataConfig", "DataSources", "EvalConfig", "FormatSpec", "LoraConfig",
-    "MetricSpec", "ModelConfig", "MonitorConfig", "PromptedBaselineConfig", "SftlabConfig", "SourceConfig",
-    "WarnThresholds", "apply_override", "cache_root", "load_config", "resolve_defaults", "set_by_dotted_key",
-    "settings_needing_eval_data", "sft_config_fields", "starter_config_text", "validate_config",
+    "BATCH_DEFAULTS",
+    "BUILTIN_PRIMARY_METRICS",
+    "CONFIG_FILE",
+    "EMBEDDED_MODEL",
+    "FINDING_CODES",
+    "LORA_LEARNING_RATE",
+    "METRIC_NAME",
+    "TRAINING_DEFAULTS",
+    "DataConfig",
+    "DataSources",
+    "EvalConfig",
+    "FormatSpec",
+    "LoraConfig",
+    "MetricSpec",
+    "ModelConfig",
+    "MonitorConfig",
+    "PromptedBaselineConfig",
+    "SftlabConfig",
+    "SourceConfig",
+    "WarnThresholds",
+    "apply_override",
+    "cache_root",
+    "load_config",
+    "set_by_dotted_key",
+    "sft_config_fields",
+    "starter_config_text",
+    "validate_config",
     "write_starter_config",
 ]
 
@@ -137,7 +172,9 @@ class SftlabConfig(_Section):
             # TRL's own list of values (loss_type, packing_strategy...), as its command line enforces it.
             choices = fields[key].metadata.get("choices") if key in fields else None
             if choices and training[key] is not None and training[key] not in choices:
-                raise _TrainingKeyError(key, f"training.{key} = {value!r} is not one of: {', '.join(map(str, choices))}")
+                raise _TrainingKeyError(
+                    key, f"training.{key} = {value!r} is not one of: {', '.join(map(str, choices))}"
+                )
         return training
 
     @property
@@ -192,8 +229,10 @@ def validate_config(raw: Any, source: str = "<config>", lines: dict[tuple, int] 
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the config must be a mapping of sections, got {type(raw).__name__}",
-                          hint="run `sftlab init` to write a starter config")
+        raise ConfigError(
+            f"{source}: the config must be a mapping of sections, got {type(raw).__name__}",
+            hint="run `sftlab init` to write a starter config",
+        )
     try:
         return SftlabConfig.model_validate(raw)
     except ValidationError as exc:
@@ -217,7 +256,9 @@ def set_by_dotted_key(raw: dict, dotted: str, value: Any) -> None:
 
 def apply_override(raw: dict, override: str) -> None:
     if "=" not in override:
-        raise ConfigError(f"--set {override!r}: expected KEY=VALUE", hint="for example --set training.learning_rate=1e-4")
+        raise ConfigError(
+            f"--set {override!r}: expected KEY=VALUE", hint="for example --set training.learning_rate=1e-4"
+        )
     dotted, text = override.split("=", 1)
     try:
         value = yaml.safe_load(text) if text.strip() else None
@@ -247,12 +288,16 @@ def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {exc.problem or exc}", hint="check indentation and quoting on that line") from None
+        raise ConfigError(
+            f"{where}: invalid YAML: {exc.problem or exc}", hint="check indentation and quoting on that line"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     except _YAML_CONSTRUCTION_ERRORS as exc:  # 2001-02-30 read as a date, `!!int abc`, a bare `!!float`...
-        raise ConfigError(f"{path}: invalid value: {exc or type(exc).__name__}",
-                          hint="quote values that look like dates, and check explicit tags such as !!int") from None
+        raise ConfigError(
+            f"{path}: invalid value: {exc or type(exc).__name__}",
+            hint="quote values that look like dates, and check explicit tags such as !!int",
+        ) from None
     except RecursionError:
         raise ConfigError(f"{path}: the YAML is nested too deeply or an alias refers to itself") from None
 
@@ -266,7 +311,9 @@ def _record_key_lines(node: yaml.Node | None, prefix: tuple, lines: dict[tuple, 
                 raise ConfigError(f"{path}:{key_node.start_mark.line + 1}: a key must be a name, not a list or mapping")
             key = key_node.value
             if key in seen:
-                raise ConfigError(f"{path}:{key_node.start_mark.line + 1}: key {'.'.join((*prefix, key))} is given twice")
+                raise ConfigError(
+                    f"{path}:{key_node.start_mark.line + 1}: key {'.'.join((*prefix, key))} is given twice"
+                )
             seen.add(key)
             lines[(*prefix, key)] = key_node.start_mark.line + 1
             _record_key_lines(value_node, (*prefix, key), lines, path)
@@ -299,8 +346,10 @@ def _config_error_from(exc: ValidationError, source: str, lines: dict[tuple, int
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, _TrainingKeyError):
         line = lines.get(("training", cause.key)) or lines.get(("training",))
-        return ConfigError(f"{source}:{line}: {cause}" if line else f"{source}: {cause}",
-                           hint="`training` takes TRL SFTConfig field names and types")
+        return ConfigError(
+            f"{source}:{line}: {cause}" if line else f"{source}: {cause}",
+            hint="`training` takes TRL SFTConfig field names and types",
+        )
     # pydantic adds union-member tags (e.g. 'str', 'SourceConfig') to the location; keep only keys.
     known = _all_section_keys() | {key[-1] for key in lines}
     loc = tuple(part for part in error["loc"] if isinstance(part, int) or part in known)
@@ -308,18 +357,31 @@ def _config_error_from(exc: ValidationError, source: str, lines: dict[tuple, int
     where = f"{source}:{line}" if line else source
     dotted = ".".join(str(part) for part in loc)
     if error["type"] == "extra_forbidden":
-        return ConfigError(f"{where}: unknown key {dotted}{_suggest_key(loc)}",
-                           hint="`sftlab init` writes a config listing every valid key with its default")
+        return ConfigError(
+            f"{where}: unknown key {dotted}{_suggest_key(loc)}",
+            hint="`sftlab init` writes a config listing every valid key with its default",
+        )
     if error["type"] == "missing":
-        return ConfigError(f"{where}: missing required key {dotted}",
-                           hint="data.train names the training data, e.g. `train: data/train.jsonl`")
+        return ConfigError(
+            f"{where}: missing required key {dotted}",
+            hint="data.train names the training data, e.g. `train: data/train.jsonl`",
+        )
     message = error["msg"].removeprefix("Value error, ")
     return ConfigError(f"{where}: {dotted}: {message} (got {error.get('input')!r})")
 
 
 def _all_section_keys() -> set[str]:
     keys = set(SftlabConfig.model_fields)
-    for section in (ModelConfig, DataConfig, SourceConfig, WarnThresholds, LoraConfig, EvalConfig, FormatSpec, MonitorConfig):
+    for section in (
+        ModelConfig,
+        DataConfig,
+        SourceConfig,
+        WarnThresholds,
+        LoraConfig,
+        EvalConfig,
+        FormatSpec,
+        MonitorConfig,
+    ):
         keys |= set(section.model_fields)
     return keys
 
@@ -337,7 +399,13 @@ def _suggest_key(loc: tuple) -> str:
         return ""
     key = str(loc[-1])
     section = loc[0] if len(loc) > 1 else None
-    models = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "eval": EvalConfig, "monitor": MonitorConfig}
+    models = {
+        "model": ModelConfig,
+        "data": DataConfig,
+        "lora": LoraConfig,
+        "eval": EvalConfig,
+        "monitor": MonitorConfig,
+    }
     if section is None:
         return _did_you_mean(key, list(SftlabConfig.model_fields))
     if section in models:
@@ -372,12 +440,3 @@ def write_starter_config(path: Path, force: bool = False) -> None:
         raise ConfigError(f"{path} already exists", hint="pass --force to replace it, or give another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(starter_config_text(), encoding="utf-8")
-
-
-def __getattr__(name: str):
-    """Names that moved to the resolver, still importable from here (`from sftlab.config import resolve_defaults`)."""
-    if name in ("resolve_defaults", "settings_needing_eval_data", "refuse_inconsistent_training"):
-        import sftlab.resolve
-
-        return getattr(sftlab.resolve, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,15 +35,23 @@ class ModelConfig(_Section):
         "auto", description="auto: bfloat16 on GPUs that support it, float32 otherwise."
     )
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you turn it on.")
-    attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2, ... (None: transformers' choice)")
+    attn_implementation: str | None = Field(
+        None, description="eager, sdpa, flash_attention_2, ... (None: transformers' choice)"
+    )
 
 
 class SourceConfig(_Section):
     path: str = Field(description="File, directory written by save_to_disk, or hub dataset id.")
     name: str | None = Field(None, description="Hub dataset config name (e.g. 'all' for HuggingFaceTB/smoltalk).")
-    split: str | None = Field(None, description="Split to read; by default 'train', with the dataset's test split as eval.")
-    weight: float | None = Field(None, gt=0, description="Rows drawn per row of this source: 0.5 a seeded half, 2 every row twice.")
-    fraction: float | None = Field(None, gt=0, le=1, description="Share of this source's rows to use (a seeded sample).")
+    split: str | None = Field(
+        None, description="Split to read; by default 'train', with the dataset's test split as eval."
+    )
+    weight: float | None = Field(
+        None, gt=0, description="Rows drawn per row of this source: 0.5 a seeded half, 2 every row twice."
+    )
+    fraction: float | None = Field(
+        None, gt=0, le=1, description="Share of this source's rows to use (a seeded sample)."
+    )
 
     @model_validator(mode="after")
     def _one_of_weight_and_fraction(self):
@@ -74,9 +82,15 @@ class DataConfig(_Section):
     format: Literal["messages", "sharegpt", "alpaca", "prompt_completion", "template", "text"] | None = Field(
         None, description="Detected from the columns when not set."
     )
-    template: str | None = Field(None, description='Formatting template, e.g. "### Question: {question}\\n### Answer: {answer}".')
-    on_error: Literal["fail", "skip"] = Field("fail", description="fail: stop at the first bad row; skip: count and drop it.")
-    dedup: bool = Field(True, description="Drop exact and near-exact duplicates (same text up to case, spacing, punctuation).")
+    template: str | None = Field(
+        None, description='Formatting template, e.g. "### Question: {question}\\n### Answer: {answer}".'
+    )
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="fail: stop at the first bad row; skip: count and drop it."
+    )
+    dedup: bool = Field(
+        True, description="Drop exact and near-exact duplicates (same text up to case, spacing, punctuation)."
+    )
     max_example_chars: int = Field(1_000_000, gt=0, description="Rows with more text than this are bad rows.")
     warn_if: WarnThresholds = Field(default_factory=WarnThresholds)
 
@@ -95,7 +109,9 @@ class FormatSpec(_Section):
 
     type: Literal["regex", "json", "json_schema", "prefix", "contains"]
     pattern: str | None = Field(None, description="regex: the whole response must match it (re.fullmatch, DOTALL).")
-    schema_: dict | None = Field(None, alias="schema", description="json_schema: the JSON Schema the response must satisfy.")
+    schema_: dict | None = Field(
+        None, alias="schema", description="json_schema: the JSON Schema the response must satisfy."
+    )
     text: str | None = Field(None, description="prefix / contains: the text the response must start with / contain.")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
@@ -118,14 +134,20 @@ class PromptedBaselineConfig(_Section):
     """The base model prompted as well as sftlab can without training: the chapter's first question
     ("would an instruction-tuned model with well-crafted prompts suffice?"), measured."""
 
-    shots: int = Field(3, ge=0, le=32, description="Training examples put before each held-out prompt as earlier turns.")
-    system_prompt: str | None = Field(None, description="A system message for the prompted base model (none by default).")
+    shots: int = Field(
+        3, ge=0, le=32, description="Training examples put before each held-out prompt as earlier turns."
+    )
+    system_prompt: str | None = Field(
+        None, description="A system message for the prompted base model (none by default)."
+    )
 
     @model_validator(mode="after")
     def _prompts_something(self):
         if self.shots == 0 and not self.system_prompt:
-            raise ValueError("eval.prompted_baseline with shots: 0 and no system_prompt is the base model itself; "
-                             "set shots, a system_prompt, or prompted_baseline: false")
+            raise ValueError(
+                "eval.prompted_baseline with shots: 0 and no system_prompt is the base model itself; "
+                "set shots, a system_prompt, or prompted_baseline: false"
+            )
         return self
 
 
@@ -138,8 +160,10 @@ class MetricSpec(_Section):
     """A metric of the user's own: `score(answer, reference, prompt)` -> a number in [0, 1] (a bool counts as 0/1)."""
 
     name: str = Field(description="How the metric is named in the eval files, the table and the verdict.")
-    function: str = Field(description='"path/to/file.py:score": a Python file (relative to the working directory, '
-                          "else to the config file) and the function in it.")
+    function: str = Field(
+        description='"path/to/file.py:score": a Python file (relative to the working directory, '
+        "else to the config file) and the function in it."
+    )
 
     @field_validator("name")
     @classmethod
@@ -171,26 +195,43 @@ class EvalConfig(_Section):
     """Evaluation of the base and the tuned model on the held-out data (evaluate.py, `sftlab eval`)."""
 
     baseline: bool = Field(True, description="Evaluate the base model before training, for a before/after comparison.")
-    num_prompts: int = Field(100, gt=0, description="Held-out prompts answered by each model (the first N of the eval data).")
-    max_new_tokens: int = Field(64, gt=0, description="Longest answer generated; an answer not ended by then does not count as ended.")
-    format: FormatSpec | None = Field(None, description="The format responses must follow: regex, json, json_schema, prefix, contains.")
+    num_prompts: int = Field(
+        100, gt=0, description="Held-out prompts answered by each model (the first N of the eval data)."
+    )
+    max_new_tokens: int = Field(
+        64, gt=0, description="Longest answer generated; an answer not ended by then does not count as ended."
+    )
+    format: FormatSpec | None = Field(
+        None, description="The format responses must follow: regex, json, json_schema, prefix, contains."
+    )
     do_sample: bool = Field(False, description="Sample answers (seeded with training.seed) instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (with do_sample).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling share (with do_sample).")
-    generation_batch_size: int = Field(32, gt=0, description="Prompts generated together (left-padded, sorted by length; 32 measured fastest on 2 CPU cores, bench/results/eval_generation.txt).")
+    generation_batch_size: int = Field(
+        32,
+        gt=0,
+        description="Prompts generated together (left-padded, sorted by length; 32 measured fastest on 2 CPU cores, "
+        "bench/results/eval_generation.txt).",
+    )
     retention: str | bool | None = Field(
-        None, description="General data whose loss before and after shows what the fine-tune cost elsewhere: a data path "
+        None,
+        description="General data whose loss before and after shows what the fine-tune cost elsewhere: a data path "
         "in any format data.train takes; null (or true): the small general set shipped with sftlab; false: off.",
     )
-    show_samples: int = Field(3, ge=0, description="Held-out answers printed side by side (prompt, reference, base, tuned).")
+    show_samples: int = Field(
+        3, ge=0, description="Held-out answers printed side by side (prompt, reference, base, tuned)."
+    )
     prompted_baseline: PromptedBaselineConfig | Literal[False] = Field(
         default_factory=PromptedBaselineConfig,
         description="The base model with `shots` training examples (and system_prompt) before each prompt, evaluated "
         "like the others: does prompting already do what the fine-tune does? false: off.",
     )
-    metrics: list[MetricSpec] = Field(default_factory=list, description="Metrics of your own, computed for every model.")
+    metrics: list[MetricSpec] = Field(
+        default_factory=list, description="Metrics of your own, computed for every model."
+    )
     primary: str | None = Field(
-        None, description="The metric the verdict rests on: a name from eval.metrics, or format, chat, exact_match, "
+        None,
+        description="The metric the verdict rests on: a name from eval.metrics, or format, chat, exact_match, "
         "rougeL. Default: the first of eval.metrics, else format when eval.format is set, else rougeL.",
     )
 
@@ -210,8 +251,10 @@ class EvalConfig(_Section):
         if len(set(names)) < len(names):
             raise ValueError(f"eval.metrics names a metric twice: {sorted({n for n in names if names.count(n) > 1})}")
         if self.primary is not None and self.primary not in (*BUILTIN_PRIMARY_METRICS, *names):
-            raise ValueError(f"eval.primary {self.primary!r} is not a metric: choose one of "
-                             f"{', '.join([*names, *BUILTIN_PRIMARY_METRICS])}")
+            raise ValueError(
+                f"eval.primary {self.primary!r} is not a metric: choose one of "
+                f"{', '.join([*names, *BUILTIN_PRIMARY_METRICS])}"
+            )
         if self.primary == "format" and self.format is None:
             raise ValueError("eval.primary: format needs eval.format (the format answers must follow)")
         return self
@@ -232,8 +275,11 @@ FINDING_CODES = ("overfitting", "underfitting", "memorization", "instability", "
 class MonitorConfig(_Section):
     plots: bool = Field(True, description="PNG plots of the curves in the run directory, refreshed at each evaluation.")
     stop_on: list[Literal[FINDING_CODES]] = Field(
-        default_factory=list, description="Findings that stop training early (the best checkpoint is kept). NaN always stops."
+        default_factory=list,
+        description="Findings that stop training early (the best checkpoint is kept). NaN always stops.",
     )
-    sample_prompts: int = Field(4, ge=0, description="Held-out prompts answered at each evaluation, to watch the outputs.")
+    sample_prompts: int = Field(
+        4, ge=0, description="Held-out prompts answered at each evaluation, to watch the outputs."
+    )
     sample_max_new_tokens: int = Field(48, gt=0)
     memorization_loss: float = Field(0.05, gt=0, description="Train loss below this counts as extremely low.")

@@ -43,8 +43,9 @@ def demo_config(output: Path, overrides: list[str] = ()) -> SftlabConfig:
     return resolve_defaults(validate_config(raw, source=str(DEMO_CONFIG)))
 
 
-def run_demo(output: Path, overrides: list[str] = (), overwrite: bool = False, show_audit=None,
-             console=None) -> TrainResult:
+def run_demo(
+    output: Path, overrides: list[str] = (), overwrite: bool = False, show_audit=None, console=None
+) -> TrainResult:
     """Check the data (the audit goes to `show_audit`), then train: the baseline evaluation, the
     training, the evaluation after and the report are steps of `train`."""
     cfg = demo_config(Path(output), overrides)

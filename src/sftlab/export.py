@@ -39,11 +39,10 @@ from pathlib import Path
 
 from sftlab.errors import UserError
 from sftlab.export_gguf import QUANTS, write_gguf
-from sftlab.model import FINAL_DIR
+from sftlab.rundir import EXPORT_DIR, FINAL_DIR
 
 FORMATS = ("merged", "gguf")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-EXPORT_DIR = "export"  # inside the run directory: where exports go unless --output says otherwise
 MODELFILE = "Modelfile"
 MERGED_MARKER = "sftlab_export.json"  # in a merged directory: sftlab wrote it, so --force may replace it
 
@@ -65,8 +64,14 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def export_run(run_dir: str | Path, format: str = "gguf", output: str | Path | None = None, quant: str | None = None,
-               dtype: str = "auto", force: bool = False) -> ExportResult:
+def export_run(
+    run_dir: str | Path,
+    format: str = "gguf",
+    output: str | Path | None = None,
+    quant: str | None = None,
+    dtype: str = "auto",
+    force: bool = False,
+) -> ExportResult:
     """`sftlab export`: write a finished run's model as a merged directory or a GGUF file (+ Modelfile)."""
     from sftlab.evaluate import open_finished_run
 
@@ -85,8 +90,10 @@ def export_run(run_dir: str | Path, format: str = "gguf", output: str | Path | N
         taken = [target] if target.is_file() or (target.is_dir() and any(target.iterdir())) else []
         _refuse_inside_final(target, final_dir)
     if taken and not force:
-        raise UserError(f"{taken[0]} already exists; nothing was overwritten",
-                        hint="pass --force to replace it, or --output to write somewhere else")
+        raise UserError(
+            f"{taken[0]} already exists; nothing was overwritten",
+            hint="pass --force to replace it, or --output to write somewhere else",
+        )
     if format == "merged" and taken:
         _refuse_replacing_foreign_directory(target)
 
@@ -104,8 +111,9 @@ def export_run(run_dir: str | Path, format: str = "gguf", output: str | Path | N
         save_merged(model, tokenizer, target, _merged_dtype(dtype, final_dir), command)
         written = sorted(path for path in target.rglob("*") if path.is_file())
     result.files = [ExportedFile(_shown(path, run_dir), path.stat().st_size) for path in written]
-    record_export(run_dir, result, quant=quant if format == "gguf" else None,
-                  dtype=dtype if format == "merged" else None)
+    record_export(
+        run_dir, result, quant=quant if format == "gguf" else None, dtype=dtype if format == "merged" else None
+    )
     _rebuild_report(run_dir)
     return result
 
@@ -145,14 +153,18 @@ def _gguf_target(run_dir: Path, output, quant: str) -> Path:
 
 def _refuse_inside_final(target: Path, final_dir: Path) -> None:
     if target.resolve().is_relative_to(final_dir.resolve()):
-        raise UserError(f"{target} is inside {final_dir}: an export there would change the run's model directory",
-                        hint="choose an --output outside final/")
+        raise UserError(
+            f"{target} is inside {final_dir}: an export there would change the run's model directory",
+            hint="choose an --output outside final/",
+        )
 
 
 def _refuse_replacing_foreign_directory(target: Path) -> None:
     if not (target / MERGED_MARKER).is_file():
-        raise UserError(f"{target} exists and was not written by `sftlab export`; sftlab does not delete it",
-                        hint="choose another --output, or remove the directory yourself")
+        raise UserError(
+            f"{target} exists and was not written by `sftlab export`; sftlab does not delete it",
+            hint="choose another --output, or remove the directory yourself",
+        )
 
 
 # =========================================================================== the model
@@ -215,14 +227,21 @@ def modelfile_text(gguf_name: str, tokenizer, eval_cfg, command: str) -> tuple[s
 
     stops = [tokenizer.convert_ids_to_tokens(token_id) for token_id in stop_token_ids(tokenizer)]
     template = ollama_template(tokenizer)
-    lines = [f"# Ollama Modelfile written by `{command}`", f"# ollama create NAME -f {MODELFILE}", "",
-             f"FROM ./{gguf_name}", ""]
+    lines = [
+        f"# Ollama Modelfile written by `{command}`",
+        f"# ollama create NAME -f {MODELFILE}",
+        "",
+        f"FROM ./{gguf_name}",
+        "",
+    ]
     note = None
     if template is not None:
         lines += [f'TEMPLATE """{template}"""', ""]
     else:
-        note = ("the chat template is not ChatML, so the Modelfile has no TEMPLATE: Ollama uses the template embedded "
-                "in the GGUF when it recognises it (check with `ollama show NAME --template`)")
+        note = (
+            "the chat template is not ChatML, so the Modelfile has no TEMPLATE: Ollama uses the template embedded "
+            "in the GGUF when it recognises it (check with `ollama show NAME --template`)"
+        )
         lines += [f"# No TEMPLATE: {note}.", ""]
     lines += [f"PARAMETER stop {json.dumps(stop)}" for stop in stops]
     # The evaluation's decoding, so Ollama answers as the measured model did.
@@ -236,10 +255,15 @@ def modelfile_text(gguf_name: str, tokenizer, eval_cfg, command: str) -> tuple[s
 CHATML_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
 CHATML_GENERATION = "<|im_start|>assistant\n"
 # Ollama's ChatML (its qwen2 template, without tools): every message in turn, then the assistant's opening.
-OLLAMA_CHATML = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-                 "<|im_start|>assistant\n")
-_PROBE = [{"role": "system", "content": "S1"}, {"role": "user", "content": "U1"},
-          {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
+OLLAMA_CHATML = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+)
+_PROBE = [
+    {"role": "system", "content": "S1"},
+    {"role": "user", "content": "U1"},
+    {"role": "assistant", "content": "A1"},
+    {"role": "user", "content": "U2"},
+]
 
 
 def ollama_template(tokenizer) -> str | None:
@@ -260,7 +284,7 @@ def ollama_template(tokenizer) -> str | None:
             if rendered == chatml(user):
                 defaults.add(None)
             elif rendered.startswith("<|im_start|>system\n") and rendered.endswith("<|im_end|>\n" + chatml(user)):
-                defaults.add(rendered[len("<|im_start|>system\n"):-len("<|im_end|>\n" + chatml(user))])
+                defaults.add(rendered[len("<|im_start|>system\n") : -len("<|im_end|>\n" + chatml(user))])
             else:
                 return None
     except Exception:  # a template that refuses the probe (no system role, ...) is not ChatML
@@ -271,8 +295,10 @@ def ollama_template(tokenizer) -> str | None:
     if default is None:
         return OLLAMA_CHATML
     # A JSON string is a valid Go string literal, so any text (even "{{") passes through unchanged.
-    return ('{{- if or (not .Messages) (ne (index .Messages 0).Role "system") }}<|im_start|>system\n'
-            f"{{{{ {json.dumps(default)} }}}}<|im_end|>\n{{{{ end }}}}" + OLLAMA_CHATML)
+    return (
+        '{{- if or (not .Messages) (ne (index .Messages 0).Role "system") }}<|im_start|>system\n'
+        f"{{{{ {json.dumps(default)} }}}}<|im_end|>\n{{{{ end }}}}" + OLLAMA_CHATML
+    )
 
 
 # =========================================================================== the record
@@ -289,9 +315,16 @@ def record_export(run_dir: Path, result: ExportResult, quant: str | None, dtype:
     except (OSError, ValueError, AttributeError):
         existing = []
     output = _shown(result.output, run_dir)
-    entry = {"format": result.format, "quant": quant, "dtype": dtype, "output": output, "command": result.command,
-             "source": result.source, "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-             "files": [asdict(file) for file in result.files]}
+    entry = {
+        "format": result.format,
+        "quant": quant,
+        "dtype": dtype,
+        "output": output,
+        "command": result.command,
+        "source": result.source,
+        "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "files": [asdict(file) for file in result.files],
+    }
     kept = [item for item in existing if isinstance(item, dict) and item.get("output") != output]
     write_atomically(path, json.dumps({"exports": [*kept, entry]}, indent=2, ensure_ascii=False))
     return path

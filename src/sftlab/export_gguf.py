@@ -59,13 +59,16 @@ def gguf_architecture(config) -> Architecture:
     """The llama.cpp architecture of a transformers config; ModelError naming the supported ones otherwise."""
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        raise ModelError(f"cannot export a {model_type!r} model to GGUF: sftlab exports {SUPPORTED}",
-                         hint="export --format merged instead, and convert it with llama.cpp's convert_hf_to_gguf.py")
+        raise ModelError(
+            f"cannot export a {model_type!r} model to GGUF: sftlab exports {SUPPORTED}",
+            hint="export --format merged instead, and convert it with llama.cpp's convert_hf_to_gguf.py",
+        )
     unsupported = _unsupported_settings(config)
     if unsupported:
-        raise ModelError(f"cannot export this {model_type} model to GGUF: {unsupported} is not written by sftlab's "
-                         "exporter", hint="export --format merged instead, and convert it with llama.cpp's "
-                         "convert_hf_to_gguf.py")
+        raise ModelError(
+            f"cannot export this {model_type} model to GGUF: {unsupported} is not written by sftlab's exporter",
+            hint="export --format merged instead, and convert it with llama.cpp's convert_hf_to_gguf.py",
+        )
     return ARCHITECTURES[model_type]
 
 
@@ -113,8 +116,13 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, quant: str = "
     writer = gguf.GGUFWriter(partial, arch.gguf_name)
     try:
         _add_model_metadata(writer, config, arch, name or path.stem, file_type)
-        _add_tokenizer_metadata(writer, tokenizer, tokenizer_json, Path(tokenizer_dir),
-                                vocab_size=model.get_input_embeddings().num_embeddings)
+        _add_tokenizer_metadata(
+            writer,
+            tokenizer,
+            tokenizer_json,
+            Path(tokenizer_dir),
+            vocab_size=model.get_input_embeddings().num_embeddings,
+        )
         types = [_storage_type(tuple(tensor.shape), quant) for _, tensor, _ in tensors]
         for (gguf_name, tensor, _), qtype in zip(tensors, types):
             _add_tensor_info(writer, gguf_name, tuple(tensor.shape), qtype)
@@ -148,8 +156,10 @@ def _gguf_tensors(model, config, arch: Architecture) -> list[tuple[str, object, 
             continue  # llama.cpp reads the output projection from token_embd when output.weight is absent
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise ModelError(f"cannot export tensor {hf_name!r}: llama.cpp's {arch.gguf_name} has no place for it",
-                             hint="export --format merged instead")
+            raise ModelError(
+                f"cannot export tensor {hf_name!r}: llama.cpp's {arch.gguf_name} has no place for it",
+                hint="export --format merged instead",
+            )
         heads = None
         if arch.permute_qk and ".attn_q." in gguf_name:
             heads = (config.num_attention_heads, config.num_attention_heads)
@@ -182,8 +192,11 @@ def _permute_for_rotary(weights, n_head: int, n_head_kv: int):
     layout transformers rotates to pairs of adjacent rows. transformers' LlamaTensorProcessor undoes it."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def _storage_type(shape: tuple, quant: str):
@@ -210,8 +223,9 @@ def _add_tensor_info(writer, gguf_name: str, shape: tuple, qtype) -> None:
         dtype = np.float32 if qtype == GGMLQuantizationType.F32 else np.float16
         writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), nbytes)
     else:  # quantized data is bytes; gguf recovers the element shape from the byte shape
-        writer.add_tensor_info(gguf_name, quant_shape_to_byte_shape(shape, qtype), np.dtype(np.uint8), nbytes,
-                               raw_dtype=qtype)
+        writer.add_tensor_info(
+            gguf_name, quant_shape_to_byte_shape(shape, qtype), np.dtype(np.uint8), nbytes, raw_dtype=qtype
+        )
 
 
 # =========================================================================== metadata
@@ -246,13 +260,17 @@ def _byte_level_tokenizer_json(tokenizer_dir: Path) -> dict:
     try:
         tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise ModelError(f"cannot export to GGUF: {path} is missing or unreadable",
-                         hint="GGUF export needs the fast tokenizer (tokenizer.json) saved with the model") from None
+        raise ModelError(
+            f"cannot export to GGUF: {path} is missing or unreadable",
+            hint="GGUF export needs the fast tokenizer (tokenizer.json) saved with the model",
+        ) from None
     model, decoder = tokenizer_json.get("model") or {}, tokenizer_json.get("decoder") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        raise ModelError(f"cannot export this tokenizer to GGUF ({model.get('type')} with a {decoder.get('type')} "
-                         "decoder): sftlab writes byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2)",
-                         hint="export --format merged instead, and convert it with llama.cpp's convert_hf_to_gguf.py")
+        raise ModelError(
+            f"cannot export this tokenizer to GGUF ({model.get('type')} with a {decoder.get('type')} "
+            "decoder): sftlab writes byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2)",
+            hint="export --format merged instead, and convert it with llama.cpp's convert_hf_to_gguf.py",
+        )
     return tokenizer_json
 
 
@@ -265,8 +283,12 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
         return GPT2_PRE
-    if (kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True)
-            and not steps[1].get("add_prefix_space")):
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and steps[1].get("use_regex", True)
+        and not steps[1].get("add_prefix_space")
+    ):
         return DIGITS_PRE
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
         regex = (steps[0].get("pattern") or {}).get("Regex")
@@ -274,9 +296,11 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
         for name in ("llama-bpe", "qwen2"):
             if GGUF_PRE_TOKENIZER_SPLITS.get(name) == regex:
                 return name
-    raise ModelError(f"cannot export this tokenizer to GGUF: its pre-tokenizer ({json.dumps(pre)[:200]}) is not one "
-                     "sftlab knows llama.cpp's name for (gpt-2, smollm, llama-bpe, qwen2)",
-                     hint="export --format merged instead, and convert it with llama.cpp's convert_hf_to_gguf.py")
+    raise ModelError(
+        f"cannot export this tokenizer to GGUF: its pre-tokenizer ({json.dumps(pre)[:200]}) is not one "
+        "sftlab knows llama.cpp's name for (gpt-2, smollm, llama-bpe, qwen2)",
+        hint="export --format merged instead, and convert it with llama.cpp's convert_hf_to_gguf.py",
+    )
 
 
 def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
@@ -306,8 +330,10 @@ def _add_tokenizer_metadata(writer, tokenizer, tokenizer_json: dict, tokenizer_d
     from sftlab.data import end_of_turn_token_id
 
     if len(tokenizer) > vocab_size:
-        raise ModelError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} embeddings",
-                         hint="the tokenizer saved in final/ does not belong to this model")
+        raise ModelError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} embeddings",
+            hint="the tokenizer saved in final/ does not belong to this model",
+        )
     tokens, types = vocabulary(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
     writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json))

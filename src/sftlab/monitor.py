@@ -37,7 +37,14 @@ from sftlab.diagnose import Diagnosis, diagnose, read_history, write_diagnosis
 from sftlab.generation import follows_format, generate, generation_prompts, stop_token_ids
 from sftlab.plots import plot_curves
 from sftlab.rundir import (
-    DIAGNOSIS_FILE, METRICS_FILE, STOPPED_FILE, append_jsonl, read_jsonl, read_stop, record_stop, trim_metrics,
+    DIAGNOSIS_FILE,
+    METRICS_FILE,
+    STOPPED_FILE,
+    append_jsonl,
+    read_jsonl,
+    read_stop,
+    record_stop,
+    trim_metrics,
     write_atomically,
 )
 from sftlab.rundir import PLOT_FILES as PLOTS
@@ -45,10 +52,30 @@ from sftlab.rundir import TRAINING_SAMPLES_FILE as SAMPLES_FILE
 
 # The callbacks and generation helpers; then, from DIAGNOSIS_FILE on, names other stages still import from here
 # (report, train, evaluate, export), which live in rundir.py and plots.py now.
-__all__ = ["MetricsLogger", "ProgressBar", "OutputSampler", "LiveDiagnosis", "LiveReport", "NonFiniteGuard",
-           "follows_format", "generation_prompts", "generate", "stop_token_ids", "is_non_finite",
-           "DIAGNOSIS_FILE", "METRICS_FILE", "PLOTS", "SAMPLES_FILE", "STOPPED_FILE", "plot_curves", "read_jsonl",
-           "read_stop", "record_stop", "trim_metrics", "write_atomically"]
+__all__ = [
+    "MetricsLogger",
+    "ProgressBar",
+    "OutputSampler",
+    "LiveDiagnosis",
+    "LiveReport",
+    "NonFiniteGuard",
+    "follows_format",
+    "generation_prompts",
+    "generate",
+    "stop_token_ids",
+    "is_non_finite",
+    "DIAGNOSIS_FILE",
+    "METRICS_FILE",
+    "PLOTS",
+    "SAMPLES_FILE",
+    "STOPPED_FILE",
+    "plot_curves",
+    "read_jsonl",
+    "read_stop",
+    "record_stop",
+    "trim_metrics",
+    "write_atomically",
+]
 
 LINE_METRICS = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second", "train_loss", "epoch")
 
@@ -107,16 +134,29 @@ class ProgressBar(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or not self.console.is_terminal:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}"),
-            TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-            console=self.console, transient=False,
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
         )
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
-                                           loss=float("nan"), lr=float("nan"))
+        self.task = self.progress.add_task(
+            "train", total=state.max_steps, completed=state.global_step, loss=float("nan"), lr=float("nan")
+        )
         self.progress.start()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -126,7 +166,9 @@ class ProgressBar(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        self.last.update({key: logs[key] for key in ("loss", "learning_rate") if isinstance(logs.get(key), (int, float))})
+        self.last.update(
+            {key: logs[key] for key in ("loss", "learning_rate") if isinstance(logs.get(key), (int, float))}
+        )
         if self.progress is not None:
             self.progress.update(self.task, loss=self.last["loss"], lr=self.last["learning_rate"])
             if "eval_loss" in logs:
@@ -168,11 +210,16 @@ class OutputSampler(TrainerCallback):
             return
         answers = generate(model, self.tokenizer, self.prompts, self.max_new_tokens, self.stop_ids, chat=self.chat)
         for prompt, answer in zip(self.prompts, answers):
-            append_jsonl(self.path, {
-                "step": state.global_step, "prompt": prompt, "output": answer["output"],
-                "ends_with_end_of_turn": answer["stopped"] and bool(answer["output"].strip()),
-                "follows_format": follows_format(answer["output"], self.format_spec),
-            })
+            append_jsonl(
+                self.path,
+                {
+                    "step": state.global_step,
+                    "prompt": prompt,
+                    "output": answer["output"],
+                    "ends_with_end_of_turn": answer["stopped"] and bool(answer["output"].strip()),
+                    "follows_format": follows_format(answer["output"], self.format_spec),
+                },
+            )
 
 
 # =========================================================================== diagnosis, plots, stopping
@@ -255,4 +302,3 @@ class NonFiniteGuard(TrainerCallback):
         control.should_save = control.should_evaluate = False
         if state.is_world_process_zero:
             record_stop(self.run_dir, "instability", state.global_step, evidence)
-

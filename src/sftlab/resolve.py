@@ -37,7 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.config import (
-    BATCH_DEFAULTS, LORA_LEARNING_RATE, TRAINING_DEFAULTS, SftlabConfig, sft_config_fields,
+    BATCH_DEFAULTS,
+    LORA_LEARNING_RATE,
+    TRAINING_DEFAULTS,
+    SftlabConfig,
+    sft_config_fields,
 )
 from sftlab.errors import ConfigError
 from sftlab.model import activation_bytes_per_token, training_state_bytes
@@ -83,30 +87,42 @@ def refuse_inconsistent_training(cfg: SftlabConfig, training: dict[str, Any]) ->
     """
     output_dir = training.get("output_dir")
     if not isinstance(output_dir, str) or not output_dir.strip():
-        raise ConfigError(f"training.output_dir must name a directory (got {output_dir!r})",
-                          hint="for example output_dir: runs/my-run")
+        raise ConfigError(
+            f"training.output_dir must name a directory (got {output_dir!r})",
+            hint="for example output_dir: runs/my-run",
+        )
     if cfg.data.eval is None and cfg.data.eval_split == 0:
         wanted = settings_needing_eval_data(cfg, training)
         if cfg.training.get("eval_strategy", "no") != "no":  # asked for by the user, not a default
             wanted.append(f"training.eval_strategy: {cfg.training['eval_strategy']}")
         if wanted:
-            raise ConfigError(f"{', '.join(wanted)} needs eval data, but data.eval is not set and data.eval_split is 0",
-                              hint="set data.eval, or data.eval_split (e.g. 0.05), or remove " + ", ".join(wanted))
+            raise ConfigError(
+                f"{', '.join(wanted)} needs eval data, but data.eval is not set and data.eval_split is 0",
+                hint="set data.eval, or data.eval_split (e.g. 0.05), or remove " + ", ".join(wanted),
+            )
     eval_strategy, save_strategy = training.get("eval_strategy"), training.get("save_strategy")
     if training.get("load_best_model_at_end") and save_strategy != "best":
         if eval_strategy != save_strategy:
             raise ConfigError(
                 f"training.load_best_model_at_end needs eval_strategy and save_strategy to match "
                 f"(eval_strategy is {eval_strategy!r}, save_strategy is {save_strategy!r})",
-                hint="set both to steps (or both to epoch), or save_strategy: best")
+                hint="set both to steps (or both to epoch), or save_strategy: best",
+            )
         save_steps = training.get("save_steps")
         eval_steps = training.get("eval_steps") or training.get("logging_steps")
-        if (eval_strategy == "steps" and isinstance(save_steps, (int, float)) and isinstance(eval_steps, (int, float))
-                and save_steps >= 1 and eval_steps >= 1 and save_steps % eval_steps):
+        if (
+            eval_strategy == "steps"
+            and isinstance(save_steps, (int, float))
+            and isinstance(eval_steps, (int, float))
+            and save_steps >= 1
+            and eval_steps >= 1
+            and save_steps % eval_steps
+        ):
             raise ConfigError(
                 f"training.load_best_model_at_end needs save_steps ({save_steps:g}) to be a multiple of eval_steps "
                 f"({eval_steps:g}): the best model can only be one that was both evaluated and saved",
-                hint=f"for example save_steps: {eval_steps * max(1, round(save_steps / eval_steps)):g}")
+                hint=f"for example save_steps: {eval_steps * max(1, round(save_steps / eval_steps)):g}",
+            )
 
 
 # =========================================================================== the machine
@@ -172,8 +188,11 @@ def fit_batch_to_memory(cfg: SftlabConfig, model) -> SftlabConfig:
     per_token = activation_bytes_per_token(model, bytes_per_value=2 if cpu_has_native_bf16() else 4)
     budget = max(training_state_bytes(model), ACTIVATION_MEMORY_FLOOR)
     tokens_per_row = training.get("max_length") or TRAINING_DEFAULTS["max_length"]  # max_length: null cuts nothing
-    rows = next(r for r in range(rows_per_step, 0, -1)
-                if rows_per_step % r == 0 and (r * tokens_per_row * per_token <= budget or r == 1))
+    rows = next(
+        r
+        for r in range(rows_per_step, 0, -1)
+        if rows_per_step % r == 0 and (r * tokens_per_row * per_token <= budget or r == 1)
+    )
     fitted = {**training, "per_device_train_batch_size": rows, "gradient_accumulation_steps": rows_per_step // rows}
     return cfg.model_copy(update={"training": fitted})
 
@@ -217,8 +236,10 @@ def build_sft_config(cfg: SftlabConfig, has_eval: bool, packing: PackingChoice |
     try:
         return SFTConfig(**values)
     except (ValueError, TypeError, OSError, ImportError) as exc:  # OSError: a missing accelerator/deepspeed file
-        raise ConfigError(f"training: {str(exc).strip().splitlines()[0]}",
-                          hint="these training settings do not work together; see TRL's SFTConfig docs") from None
+        raise ConfigError(
+            f"training: {str(exc).strip().splitlines()[0]}",
+            hint="these training settings do not work together; see TRL's SFTConfig docs",
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -270,25 +291,51 @@ def print_plan(plan: dict, console=None) -> None:
     console = console or Console(stderr=True, highlight=False)
     packed = f" packed into {plan['rows']:,} rows" if plan["packing"] else " in length-grouped batches"
     if plan.get("packing_reason"):
-        console.print(f"packing {'on' if plan['packing'] else 'off'} (attention {plan.get('attention')}): "
-                      f"{plan['packing_reason']}", soft_wrap=True, markup=False)
-    console.print(f"plan: {plan['examples']:,} examples{packed}; {plan['steps']:,} steps of "
-                  f"~{plan['tokens_per_step']:,} tokens (~{plan['trained_tokens_per_step']:,} trained) = "
-                  f"{plan['epochs']:.2f} epochs; {plan['checkpoints']} checkpoints (keeping "
-                  f"{plan['save_total_limit'] or 'all'}), {plan['evaluations']} evaluations", soft_wrap=True)
+        console.print(
+            f"packing {'on' if plan['packing'] else 'off'} (attention {plan.get('attention')}): "
+            f"{plan['packing_reason']}",
+            soft_wrap=True,
+            markup=False,
+        )
+    console.print(
+        f"plan: {plan['examples']:,} examples{packed}; {plan['steps']:,} steps of "
+        f"~{plan['tokens_per_step']:,} tokens (~{plan['trained_tokens_per_step']:,} trained) = "
+        f"{plan['epochs']:.2f} epochs; {plan['checkpoints']} checkpoints (keeping "
+        f"{plan['save_total_limit'] or 'all'}), {plan['evaluations']} evaluations",
+        soft_wrap=True,
+    )
     if plan["epochs"] > 3:
-        console.print(f"[yellow]warning[/]: {plan['epochs']:.1f} epochs: more than the 1-3 the chapter advises; "
-                      "watch for overfitting or lower max_steps", soft_wrap=True)
+        console.print(
+            f"[yellow]warning[/]: {plan['epochs']:.1f} epochs: more than the 1-3 the chapter advises; "
+            "watch for overfitting or lower max_steps",
+            soft_wrap=True,
+        )
 
 
 # =========================================================================== the record: run_info.json
 
 PACKAGES = ("sftlab", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers")
 # The arguments the report shows, under "training_args" (the whole SFTConfig is under "sft_config").
-RECORDED_ARGS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps",
-                 "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "weight_decay",
-                 "max_grad_norm", "optim", "max_length", "packing", "activation_checkpointing", "seed",
-                 "logging_steps", "eval_steps", "save_steps")
+RECORDED_ARGS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "world_size",
+    "weight_decay",
+    "max_grad_norm",
+    "optim",
+    "max_length",
+    "packing",
+    "activation_checkpointing",
+    "seed",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+)
 
 
 def write_run_info(run_dir: str | Path, args, plan: dict | None = None) -> Path:
@@ -326,8 +373,11 @@ def sft_config_record(args) -> dict[str, Any]:
 
     if not dataclasses.is_dataclass(args) or not hasattr(args, "to_dict"):
         return {}
-    changed = {field.name for field in dataclasses.fields(args)
-               if field.init and _json_safe(getattr(args, field.name)) != _json_safe(_default_of(field))}
+    changed = {
+        field.name
+        for field in dataclasses.fields(args)
+        if field.init and _json_safe(getattr(args, field.name)) != _json_safe(_default_of(field))
+    }
     return {name: _json_safe(value) for name, value in args.to_dict().items() if name in changed}
 
 
@@ -375,8 +425,12 @@ def _hardware_now(args) -> dict:
 
     import torch
 
-    info = {"device": str(getattr(args, "device", "cpu")), "cpu_count": os.cpu_count(),
-            "processes": getattr(args, "world_size", 1), "platform": platform.platform()}
+    info = {
+        "device": str(getattr(args, "device", "cpu")),
+        "cpu_count": os.cpu_count(),
+        "processes": getattr(args, "world_size", 1),
+        "platform": platform.platform(),
+    }
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info

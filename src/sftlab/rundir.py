@@ -61,6 +61,7 @@ FINAL_DIR = "final"
 CARD_FILE = "README.md"  # in final/: the Hugging Face model card
 REPORT_FILE = "report.html"
 EXPORTS_FILE = "exports.json"
+EXPORT_DIR = "export"  # where `sftlab export` writes unless --output says otherwise
 TENSORBOARD_DIR = "runs"
 
 CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
@@ -112,8 +113,10 @@ def writing(path: str | Path):
     try:
         yield
     except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}",
-                        hint="check the permissions and free space of the run directory") from None
+        raise UserError(
+            f"cannot write {path}: {error.strerror or error}",
+            hint="check the permissions and free space of the run directory",
+        ) from None
 
 
 def write_audit(run_dir: str | Path, audit: dict) -> Path:
@@ -270,14 +273,19 @@ def prepare_run_dir(path: str | Path, resume: bool, overwrite: bool, processes=N
     path = Path(path)
     has_contents = path.exists() and any(path.iterdir())
     if resume and (not has_contents or latest_checkpoint(path) is None):
-        raise UserError(f"nothing to resume in {path}: no complete checkpoint-* directory",
-                        hint="start the run without --resume")
+        raise UserError(
+            f"nothing to resume in {path}: no complete checkpoint-* directory", hint="start the run without --resume"
+        )
     if not resume and has_contents and not overwrite:
-        raise UserError(f"run directory {path} already exists",
-                        hint="use --resume to continue it, --overwrite to replace it, or set training.output_dir")
+        raise UserError(
+            f"run directory {path} already exists",
+            hint="use --resume to continue it, --overwrite to replace it, or set training.output_dir",
+        )
     if not resume and has_contents and not (path / RUN_MARKER).exists():
-        raise UserError(f"{path} exists and was not made by sftlab; refusing to delete it",
-                        hint="choose another training.output_dir")
+        raise UserError(
+            f"{path} exists and was not made by sftlab; refusing to delete it",
+            hint="choose another training.output_dir",
+        )
     if processes is not None:
         processes.wait_for_everyone()  # every process has checked before the main one changes anything
     if resume or (processes is not None and not processes.is_main_process):
@@ -288,10 +296,14 @@ def prepare_run_dir(path: str | Path, resume: bool, overwrite: bool, processes=N
         if has_contents:
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
-        write_atomically(path / RUN_MARKER, "created by sftlab; `sftlab train --overwrite` may replace this directory\n")
+        write_atomically(
+            path / RUN_MARKER, "created by sftlab; `sftlab train --overwrite` may replace this directory\n"
+        )
     except OSError as exc:
-        raise UserError(f"cannot create the run directory {path}: {exc.strerror or exc}",
-                        hint="set training.output_dir to a directory you can write to") from None
+        raise UserError(
+            f"cannot create the run directory {path}: {exc.strerror or exc}",
+            hint="set training.output_dir to a directory you can write to",
+        ) from None
     if processes is not None:
         processes.wait_for_everyone()
     return path
@@ -320,8 +332,11 @@ def record_best_checkpoint(run_dir: str | Path, log_history: list[dict]) -> Path
     best = best_checkpoint(run_dir, log_history)
     if best is None:
         return None
-    write_json(Path(run_dir) / BEST_CHECKPOINT_FILE,
-               {"checkpoint": best["path"].name, "step": best["step"], "eval_loss": best["eval_loss"]}, indent=None)
+    write_json(
+        Path(run_dir) / BEST_CHECKPOINT_FILE,
+        {"checkpoint": best["path"].name, "step": best["step"], "eval_loss": best["eval_loss"]},
+        indent=None,
+    )
     return best["path"]
 
 
@@ -348,6 +363,7 @@ def copy_model_files(checkpoint: str | Path, final_dir: str | Path) -> None:
     if values is not None:  # checkpoints are saved with the KV cache off, for training
         values["use_cache"] = True
         write_atomically(config, json.dumps(values, indent=2))
+
 
 # =========================================================================== additions (issue 15, monitor stage)
 
@@ -400,8 +416,11 @@ def trim_metrics(path: str | Path, last_step: int) -> None:
     path = Path(path)
     for file in (path, path.with_name(TRAINING_SAMPLES_FILE)):
         if file.exists():
-            kept = [record for record in read_jsonl(file)
-                    if record.get("step", 0) <= last_step and "train_runtime" not in record]
+            kept = [
+                record
+                for record in read_jsonl(file)
+                if record.get("step", 0) <= last_step and "train_runtime" not in record
+            ]
             write_jsonl(file, kept)
 
 

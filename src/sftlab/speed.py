@@ -65,8 +65,9 @@ def has_varlen_kernels(attn_implementation: str | None) -> bool:
     return "flash" in (attn_implementation or "").lower()
 
 
-def choose_packing(packing, attn_implementation: str | None, accelerator: str | None,
-                   flash: str | None = None, flex: bool = True) -> PackingChoice:
+def choose_packing(
+    packing, attn_implementation: str | None, accelerator: str | None, flash: str | None = None, flex: bool = True
+) -> PackingChoice:
     """The packing decision from the config and the hardware (pure: tested on every combination).
 
     packing: True, False or "auto"; attn_implementation: the config's (None when unset);
@@ -78,30 +79,47 @@ def choose_packing(packing, attn_implementation: str | None, accelerator: str | 
     if packing is False:
         return PackingChoice(False, attn_implementation, "training.packing: false")
     if has_varlen_kernels(named):
-        return PackingChoice(True, attn_implementation,
-                             f"{named} has variable-length kernels: a packed row costs what its examples cost")
+        return PackingChoice(
+            True, attn_implementation, f"{named} has variable-length kernels: a packed row costs what its examples cost"
+        )
     if named == "flex_attention" and (accelerator == "cuda" or packing is True):
-        return PackingChoice(True, named, "flex_attention skips the attention between packed examples "
-                             "(a block mask built from the restarting position ids)")
+        return PackingChoice(
+            True,
+            named,
+            "flex_attention skips the attention between packed examples "
+            "(a block mask built from the restarting position ids)",
+        )
     if attn_implementation is None and accelerator == "cuda":
         if flash:
             return PackingChoice(True, flash, f"{flash} (flash-attn is installed) takes packed rows natively")
         if flex:
-            return PackingChoice(True, "flex_attention", "flash-attn is not installed: packed rows go through "
-                                 "flex_attention, whose block mask skips the attention between examples")
+            return PackingChoice(
+                True,
+                "flex_attention",
+                "flash-attn is not installed: packed rows go through "
+                "flex_attention, whose block mask skips the attention between examples",
+            )
     if packing is True:
-        return PackingChoice(True, attn_implementation,
-                             f"training.packing: true; {named or 'the default attention (sdpa)'} attends over the "
-                             "whole packed row under a dense block-diagonal mask")
+        return PackingChoice(
+            True,
+            attn_implementation,
+            f"training.packing: true; {named or 'the default attention (sdpa)'} attends over the "
+            "whole packed row under a dense block-diagonal mask",
+        )
     if accelerator is None:
-        reason = ("on a CPU a packed row is one long sequence under a dense mask, measured at about half the tokens/s "
-                  "of length-grouped batches (bench/results/train_throughput_*.txt): length-grouped batches")
+        reason = (
+            "on a CPU a packed row is one long sequence under a dense mask, measured at about half the tokens/s "
+            "of length-grouped batches (bench/results/train_throughput_*.txt): length-grouped batches"
+        )
     elif named:
-        reason = (f"model.attn_implementation: {named} attends over the whole packed row under a dense mask: "
-                  "length-grouped batches (leave it unset to pack through flash-attn or flex_attention)")
+        reason = (
+            f"model.attn_implementation: {named} attends over the whole packed row under a dense mask: "
+            "length-grouped batches (leave it unset to pack through flash-attn or flex_attention)"
+        )
     else:
-        reason = (f"no attention path that skips the work between packed examples on {accelerator}: "
-                  "length-grouped batches")
+        reason = (
+            f"no attention path that skips the work between packed examples on {accelerator}: length-grouped batches"
+        )
     return PackingChoice(False, attn_implementation, reason)
 
 
@@ -139,9 +157,13 @@ def packing_for(cfg: SftlabConfig, model=None) -> PackingChoice:
     """The decision for this machine, and for the loaded model when given (which kernels it supports)."""
     accelerator = accelerator_type()
     packing = cfg.training.get("packing", TRAINING_DEFAULTS["packing"])
-    return choose_packing(packing, cfg.model.attn_implementation, accelerator,
-                          flash=installed_flash_attention(model) if accelerator == "cuda" else None,
-                          flex=flex_attention_supported(model))
+    return choose_packing(
+        packing,
+        cfg.model.attn_implementation,
+        accelerator,
+        flash=installed_flash_attention(model) if accelerator == "cuda" else None,
+        flex=flex_attention_supported(model),
+    )
 
 
 def use_attention(model, choice: PackingChoice) -> None:
@@ -152,9 +174,10 @@ def use_attention(model, choice: PackingChoice) -> None:
     try:
         model.set_attn_implementation(wanted)
     except (ValueError, ImportError) as exc:
-        raise ConfigError(f"training.packing: cannot switch the model to {wanted}: {str(exc).splitlines()[0]}",
-                          hint="set model.attn_implementation (sdpa, eager, flash_attention_2, ...) or "
-                          "training.packing: false") from None
+        raise ConfigError(
+            f"training.packing: cannot switch the model to {wanted}: {str(exc).splitlines()[0]}",
+            hint="set model.attn_implementation (sdpa, eager, flash_attention_2, ...) or training.packing: false",
+        ) from None
 
 
 def refuse_contaminating_packing(model, cfg: SftlabConfig) -> None:
@@ -181,20 +204,26 @@ def check_speed_options(cfg: SftlabConfig, accelerator: str | None) -> list[str]
     warnings = []
     if training.get("use_liger_kernel"):
         if accelerator != "cuda":
-            raise ConfigError(f"training.use_liger_kernel: Liger's Triton kernels run on CUDA or ROCm GPUs, and this "
-                              f"machine has {accelerator or 'none (CPU only)'}",
-                              hint="remove training.use_liger_kernel for this machine")
+            raise ConfigError(
+                f"training.use_liger_kernel: Liger's Triton kernels run on CUDA or ROCm GPUs, and this "
+                f"machine has {accelerator or 'none (CPU only)'}",
+                hint="remove training.use_liger_kernel for this machine",
+            )
         if importlib.util.find_spec("liger_kernel") is None:
-            raise ConfigError("training.use_liger_kernel: the liger-kernel package is not installed",
-                              hint=LIGER_PIP)
+            raise ConfigError("training.use_liger_kernel: the liger-kernel package is not installed", hint=LIGER_PIP)
     liger_config = training.get("liger_kernel_config") or {}
     if liger_config.get("fused_linear_cross_entropy"):
-        raise ConfigError("training.liger_kernel_config.fused_linear_cross_entropy: TRL's SFTTrainer refuses it (it "
-                          "replaces the model's forward); TRL's own fused LM head already computes the loss without "
-                          "the full logits", hint="remove fused_linear_cross_entropy from training.liger_kernel_config")
+        raise ConfigError(
+            "training.liger_kernel_config.fused_linear_cross_entropy: TRL's SFTTrainer refuses it (it "
+            "replaces the model's forward); TRL's own fused LM head already computes the loss without "
+            "the full logits",
+            hint="remove fused_linear_cross_entropy from training.liger_kernel_config",
+        )
     compiles = any(training.get(key) for key in ("torch_compile", "torch_compile_backend", "torch_compile_mode"))
     if compiles and accelerator is None:
-        warnings.append("training.torch_compile on a CPU: compilation runs before the first step and again for new "
-                        "batch shapes (every length-grouped or packed batch has its own length), and sftlab has not "
-                        "measured it paying off on a CPU")
+        warnings.append(
+            "training.torch_compile on a CPU: compilation runs before the first step and again for new "
+            "batch shapes (every length-grouped or packed batch has its own length), and sftlab has not "
+            "measured it paying off on a CPU"
+        )
     return warnings

@@ -37,16 +37,40 @@ from sftlab.evaluate import evaluate_after_training, evaluate_before_training, h
 from sftlab.metrics import load_user_metrics
 from sftlab.model import add_default_chat_template, load_model, load_tokenizer, peft_config
 from sftlab.monitor import (
-    LiveDiagnosis, LiveReport, MetricsLogger, NonFiniteGuard, OutputSampler, ProgressBar, read_stop, trim_metrics,
+    LiveDiagnosis,
+    LiveReport,
+    MetricsLogger,
+    NonFiniteGuard,
+    OutputSampler,
+    ProgressBar,
+    read_stop,
+    trim_metrics,
 )
 from sftlab.report import write_report
 from sftlab.resolve import (
-    has_accelerator, print_plan, resolve_training, settings_needing_eval_data, training_plan, write_run_info,
+    has_accelerator,
+    print_plan,
+    resolve_training,
+    settings_needing_eval_data,
+    training_plan,
+    write_run_info,
 )
 from sftlab.rundir import (
-    CONFIG_FILE, FINAL_DIR, METRICS_FILE, STOPPED_FILE, checkpoint_dirs, checkpoint_for_final, checkpoint_step,
-    copy_model_files, discard_incomplete_checkpoints, latest_checkpoint, mark_checkpoint_complete, prepare_run_dir,
-    record_best_checkpoint, write_atomically, write_audit,
+    CONFIG_FILE,
+    FINAL_DIR,
+    METRICS_FILE,
+    STOPPED_FILE,
+    checkpoint_dirs,
+    checkpoint_for_final,
+    checkpoint_step,
+    copy_model_files,
+    discard_incomplete_checkpoints,
+    latest_checkpoint,
+    mark_checkpoint_complete,
+    prepare_run_dir,
+    record_best_checkpoint,
+    write_atomically,
+    write_audit,
 )
 from sftlab.speed import accelerator_type, check_speed_options, refuse_contaminating_packing, use_attention
 
@@ -76,8 +100,11 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None and processes.is_main_process:
         discarded = discard_incomplete_checkpoints(run_dir)  # a kill mid-save left them; training writes them again
-        print_note(f"resuming from {checkpoint.name}"
-                   + (f"; discarded the incomplete {', '.join(p.name for p in discarded)}" if discarded else ""), console)
+        print_note(
+            f"resuming from {checkpoint.name}"
+            + (f"; discarded the incomplete {', '.join(p.name for p in discarded)}" if discarded else ""),
+            console,
+        )
 
     # 2-3. Tokenizer, then data tokenized with it: exactly what `sftlab check` audits. The
     #      main process prepares (and caches) first; the others then load its cache.
@@ -182,8 +209,14 @@ def train(cfg: SftlabConfig, resume: bool = False, overwrite: bool = False, cons
     # 10. The run documents itself: final/README.md (model card) and report.html, from the run directory.
     if processes.is_main_process:
         write_report(run_dir)
-    return TrainResult(run_dir=run_dir, final_dir=final_dir, global_step=trainer.state.global_step,
-                       metrics=output.metrics, is_main_process=processes.is_main_process, stopped=stopped)
+    return TrainResult(
+        run_dir=run_dir,
+        final_dir=final_dir,
+        global_step=trainer.state.global_step,
+        metrics=output.metrics,
+        is_main_process=processes.is_main_process,
+        stopped=stopped,
+    )
 
 
 def check(cfg: SftlabConfig) -> dict:
@@ -200,7 +233,9 @@ def tokenizer_and_data(cfg: SftlabConfig):
 
 def refuse_if_not_trainable(audit: dict) -> None:
     if not audit["ok"]:
-        raise DataError(f"the data cannot be trained: {'; '.join(audit['errors'])}", hint="run `sftlab check` for the full audit")
+        raise DataError(
+            f"the data cannot be trained: {'; '.join(audit['errors'])}", hint="run `sftlab check` for the full audit"
+        )
 
 
 def refuse_evaluation_without_eval_data(cfg: SftlabConfig, has_eval: bool) -> None:
@@ -210,8 +245,10 @@ def refuse_evaluation_without_eval_data(cfg: SftlabConfig, has_eval: bool) -> No
         return
     wanted = settings_needing_eval_data(cfg, cfg.training)
     if wanted:
-        raise ConfigError(f"{', '.join(wanted)} needs eval data, but the data has no eval rows",
-                          hint="set data.eval, or a data.eval_split that leaves at least one row (see `sftlab check`)")
+        raise ConfigError(
+            f"{', '.join(wanted)} needs eval data, but the data has no eval rows",
+            hint="set data.eval, or a data.eval_split that leaves at least one row (see `sftlab check`)",
+        )
 
 
 class CheckpointBookkeeping(TrainerCallback):
@@ -254,13 +291,20 @@ def out_of_memory_hint(args=None) -> str:
     accumulation = getattr(args, "gradient_accumulation_steps", None) or 1
     max_length = getattr(args, "max_length", None)
     if isinstance(batch, int) and batch > 1:
-        smaller = f"per_device_train_batch_size: {batch // 2} with gradient_accumulation_steps: {accumulation * 2} (the same rows per step)"
+        smaller = (
+            f"per_device_train_batch_size: {batch // 2} with gradient_accumulation_steps: {accumulation * 2} "
+            "(the same rows per step)"
+        )
     else:
         smaller = "a smaller training.per_device_train_batch_size with a larger gradient_accumulation_steps"
-    shorter = f"max_length: {max_length // 2}" if isinstance(max_length, int) and max_length > 1 else "a shorter max_length"
-    return (f"in the training section, try {smaller}; or {shorter}; or activation_checkpointing: true "
-            "(recomputes activations instead of storing them); or add a `lora:` section (trains an adapter, "
-            "with far smaller gradients and optimizer state)")
+    shorter = (
+        f"max_length: {max_length // 2}" if isinstance(max_length, int) and max_length > 1 else "a shorter max_length"
+    )
+    return (
+        f"in the training section, try {smaller}; or {shorter}; or activation_checkpointing: true "
+        "(recomputes activations instead of storing them); or add a `lora:` section (trains an adapter, "
+        "with far smaller gradients and optimizer state)"
+    )
 
 
 def preflight(trainer, plan: dict, run_dir: Path, resume_step: int = 0) -> list[str]:
@@ -271,8 +315,10 @@ def preflight(trainer, plan: dict, run_dir: Path, resume_step: int = 0) -> list[
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".sftlab-write-test-"):
             pass
     except OSError as exc:
-        raise UserError(f"cannot write to the run directory {run_dir}: {exc.strerror or exc}",
-                        hint="set training.output_dir to a directory you can write to") from None
+        raise UserError(
+            f"cannot write to the run directory {run_dir}: {exc.strerror or exc}",
+            hint="set training.output_dir to a directory you can write to",
+        ) from None
 
     per_checkpoint, final = checkpoint_size_estimate(trainer.model, save_optimizer=not args.save_only_model)
     new = checkpoints_to_write(args, plan, resume_step)
@@ -286,7 +332,8 @@ def preflight(trainer, plan: dict, run_dir: Path, resume_step: int = 0) -> list[
             f"not enough disk space in {run_dir}: the run needs about {_gigabytes(needed)} ({new} more checkpoints "
             f"of ~{_gigabytes(per_checkpoint)} each, and final/), {_gigabytes(free)} is free",
             hint="lower training.save_total_limit, set training.output_dir on a larger disk, or add a `lora:` "
-            "section (checkpoints then hold only the adapter and its optimizer state)")
+            "section (checkpoints then hold only the adapter and its optimizer state)",
+        )
     return cadence_warnings(args, plan["steps"])
 
 
@@ -319,19 +366,27 @@ def checkpoints_to_write(args, plan: dict, resume_step: int = 0) -> int:
 def cadence_warnings(args, steps: int) -> list[str]:
     """Save, eval and logging intervals that never fire before the end of the run."""
     warnings = []
+
     def interval(value):
         return value if value >= 1 else math.ceil(value * steps)
+
     if args.save_strategy == "no":
         warnings.append("training.save_strategy is no: nothing to resume from if the run is killed")
     elif args.save_strategy == "steps" and interval(args.save_steps) >= steps > 1:
-        warnings.append(f"training.save_steps {args.save_steps:g} is not below the run's {steps} steps: the only "
-                        f"checkpoint is written at the end, so a killed run restarts from scratch")
+        warnings.append(
+            f"training.save_steps {args.save_steps:g} is not below the run's {steps} steps: the only "
+            f"checkpoint is written at the end, so a killed run restarts from scratch"
+        )
     if args.eval_strategy == "steps" and interval(args.eval_steps or args.logging_steps) >= steps > 1:
-        warnings.append(f"training.eval_steps {args.eval_steps or args.logging_steps:g} is not below the run's {steps} "
-                        f"steps: a single evaluation, at the end; overfitting cannot be seen during training")
+        warnings.append(
+            f"training.eval_steps {args.eval_steps or args.logging_steps:g} is not below the run's {steps} "
+            f"steps: a single evaluation, at the end; overfitting cannot be seen during training"
+        )
     if args.logging_strategy == "steps" and interval(args.logging_steps) > steps:
-        warnings.append(f"training.logging_steps {args.logging_steps:g} is more than the run's {steps} steps: "
-                        "no training loss is logged, so the curves and the diagnosis stay empty")
+        warnings.append(
+            f"training.logging_steps {args.logging_steps:g} is more than the run's {steps} steps: "
+            "no training loss is logged, so the curves and the diagnosis stay empty"
+        )
     return warnings
 
 
@@ -349,9 +404,11 @@ def _gigabytes(size: int) -> str:
 
 
 def evaluation_out_of_memory_hint(cfg: SftlabConfig) -> str:
-    return (f"lower eval.generation_batch_size (now {cfg.eval.generation_batch_size}), eval.num_prompts "
-            f"(now {cfg.eval.num_prompts}) or eval.max_new_tokens (now {cfg.eval.max_new_tokens}); "
-            "eval.baseline: false skips the base model")
+    return (
+        f"lower eval.generation_batch_size (now {cfg.eval.generation_batch_size}), eval.num_prompts "
+        f"(now {cfg.eval.num_prompts}) or eval.max_new_tokens (now {cfg.eval.max_new_tokens}); "
+        "eval.baseline: false skips the base model"
+    )
 
 
 class _out_of_memory_as_user_error:
@@ -367,6 +424,8 @@ class _out_of_memory_as_user_error:
     def __exit__(self, exc_type, exc, tb):
         if is_out_of_memory(exc):
             detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no details"
-            raise UserError(f"out of memory during {self.during} ({type(exc).__name__}: {detail})",
-                            hint=self.hint or out_of_memory_hint(self.args)) from exc
+            raise UserError(
+                f"out of memory during {self.during} ({type(exc).__name__}: {detail})",
+                hint=self.hint or out_of_memory_hint(self.args),
+            ) from exc
         return False

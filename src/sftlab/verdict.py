@@ -38,7 +38,9 @@ BOOTSTRAP_RESAMPLES = 10_000  # the 2.5th and 97.5th percentiles settle to ~0.5%
 CONFIDENCE = 0.95
 # Guards (caveats), each a threshold with its reason:
 RETENTION_RISE_REL = 0.05  # general-text loss 5%+ above the base model's: measurable forgetting (same text, same model)
-CHAT_ADHERENCE_DROP = 0.05  # 5+ points fewer answers ending their turn cleanly than the base model: a chat behaviour lost
+CHAT_ADHERENCE_DROP = (
+    0.05  # 5+ points fewer answers ending their turn cleanly than the base model: a chat behaviour lost
+)
 COPYING_SHARE = 0.10  # a tenth of answers equal to (or containing) a training response: memorization, unless the task
 #                       has few distinct answers
 WARNING_FINDINGS = ("overfitting", "instability", "memorization", "inconsistent_format", "zero_loss")
@@ -76,8 +78,13 @@ class Verdict(BaseModel):
     bootstrap: dict = Field(default_factory=dict)
 
 
-def paired_bootstrap(tuned: list[float], other: list[float], resamples: int = BOOTSTRAP_RESAMPLES,
-                     seed: int = 42, confidence: float = CONFIDENCE) -> Difference:
+def paired_bootstrap(
+    tuned: list[float],
+    other: list[float],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 42,
+    confidence: float = CONFIDENCE,
+) -> Difference:
     """Mean of tuned - other over paired prompts, with a percentile bootstrap interval."""
     import numpy as np
 
@@ -90,22 +97,43 @@ def paired_bootstrap(tuned: list[float], other: list[float], resamples: int = BO
     return Difference(diff=float(differences.mean()), ci95=(float(low), float(high)))
 
 
-def decide(primary: str, tuned: list[float], base: list[float] | None, prompted: list[float] | None,
-           caveats: list[str], seed: int = 42, shots: str = "prompted") -> Verdict:
+def decide(
+    primary: str,
+    tuned: list[float],
+    base: list[float] | None,
+    prompted: list[float] | None,
+    caveats: list[str],
+    seed: int = 42,
+    shots: str = "prompted",
+) -> Verdict:
     """The verdict from the primary metric's per-prompt values of each model (same prompts, same order)."""
     kind = "share" if all(value in (0.0, 1.0) for value in [*tuned, *(base or []), *(prompted or [])]) else "score"
-    verdict = Verdict(verdict="unknown", primary=primary, kind=kind, num_prompts=len(tuned), tuned=_mean(tuned),
-                      base=_mean(base), prompted=_mean(prompted), caveats=list(caveats),
-                      bootstrap={"resamples": BOOTSTRAP_RESAMPLES, "confidence": CONFIDENCE, "seed": seed,
-                                 "method": "paired percentile bootstrap over held-out prompts"})
+    verdict = Verdict(
+        verdict="unknown",
+        primary=primary,
+        kind=kind,
+        num_prompts=len(tuned),
+        tuned=_mean(tuned),
+        base=_mean(base),
+        prompted=_mean(prompted),
+        caveats=list(caveats),
+        bootstrap={
+            "resamples": BOOTSTRAP_RESAMPLES,
+            "confidence": CONFIDENCE,
+            "seed": seed,
+            "method": "paired percentile bootstrap over held-out prompts",
+        },
+    )
     if base is not None and len(base) == len(tuned) and tuned:
         verdict.tuned_minus_base = paired_bootstrap(tuned, base, seed=seed)
     if prompted is not None and len(prompted) == len(tuned) and tuned:
         verdict.tuned_minus_prompted = paired_bootstrap(tuned, prompted, seed=seed + 1)
     vs_base, vs_prompted = verdict.tuned_minus_base, verdict.tuned_minus_prompted
     if vs_base is None and vs_prompted is None:
-        verdict.reasons.append("neither the base model nor the prompted base model was evaluated on these prompts: "
-                               "nothing to compare the tuned model with (eval.baseline, eval.prompted_baseline)")
+        verdict.reasons.append(
+            "neither the base model nor the prompted base model was evaluated on these prompts: "
+            "nothing to compare the tuned model with (eval.baseline, eval.prompted_baseline)"
+        )
     elif (vs_base and vs_base.significantly_worse) or (vs_prompted and vs_prompted.significantly_worse):
         verdict.verdict = "regressed"
     elif vs_base is not None and not vs_base.significantly_better:
@@ -116,8 +144,9 @@ def decide(primary: str, tuned: list[float], base: list[float] | None, prompted:
         verdict.verdict = "worked"
     verdict.reasons += _reasons(verdict, shots)
     if vs_prompted is None and vs_base is not None:
-        verdict.caveats.append("prompting was not compared (eval.prompted_baseline is off): a prompted base model "
-                               "might do as well")
+        verdict.caveats.append(
+            "prompting was not compared (eval.prompted_baseline is off): a prompted base model might do as well"
+        )
     if vs_base is None and vs_prompted is not None:
         verdict.caveats.append("the base model without prompting was not evaluated (eval.baseline is off)")
     verdict.headline = headline(verdict)
@@ -129,17 +158,26 @@ def caveats(base: dict | None, tuned: dict | None, findings: list) -> list[str]:
     out = []
     retention_before, retention_after = _get(base, "retention", "loss"), _get(tuned, "retention", "loss")
     if retention_before and retention_after is not None and retention_after / retention_before - 1 > RETENTION_RISE_REL:
-        out.append(f"general-text loss rose {retention_after / retention_before - 1:+.1%} ({retention_before:.4f} to "
-                   f"{retention_after:.4f}): the fine-tune cost some general ability")
+        out.append(
+            f"general-text loss rose {retention_after / retention_before - 1:+.1%} ({retention_before:.4f} to "
+            f"{retention_after:.4f}): the fine-tune cost some general ability"
+        )
     chat_before, chat_after = _get(base, "adherence", "chat"), _get(tuned, "adherence", "chat")
     if chat_before is not None and chat_after is not None and chat_before - chat_after > CHAT_ADHERENCE_DROP:
-        out.append(f"fewer answers end their turn cleanly: {chat_after:.0%} against {chat_before:.0%} for the base model")
+        out.append(
+            f"fewer answers end their turn cleanly: {chat_after:.0%} against {chat_before:.0%} for the base model"
+        )
     copied = _get(tuned, "memorization", "verbatim_share")
     if copied is not None and copied >= COPYING_SHARE and copied > (_get(base, "memorization", "verbatim_share") or 0):
-        out.append(f"{copied:.0%} of answers repeat a training response verbatim: memorization, unless the task has few "
-                   "distinct answers")
+        out.append(
+            f"{copied:.0%} of answers repeat a training response verbatim: memorization, unless the task has few "
+            "distinct answers"
+        )
     for finding in findings:
-        if getattr(finding, "severity", None) in ("warning", "error") and getattr(finding, "code", None) in WARNING_FINDINGS:
+        if (
+            getattr(finding, "severity", None) in ("warning", "error")
+            and getattr(finding, "code", None) in WARNING_FINDINGS
+        ):
             out.append(f"warning sign during training: {finding.code} ({finding.evidence})")
     return out
 
@@ -152,11 +190,14 @@ def headline(verdict: Verdict) -> str:
     if verdict.verdict == "unknown":
         return f"unknown: {_subject(verdict, tuned, what)}; no baseline to compare with"
     versus = []
-    for other, label, difference in (("prompted", "the prompted base model", verdict.tuned_minus_prompted),
-                                     ("base", "the base model", verdict.tuned_minus_base)):
+    for other, label, difference in (
+        ("prompted", "the prompted base model", verdict.tuned_minus_prompted),
+        ("base", "the base model", verdict.tuned_minus_base),
+    ):
         if difference is not None:
-            versus.append(f"{_value(getattr(verdict, other), verdict.kind)} for {label} "
-                          f"({_difference(difference, verdict.kind)})")
+            versus.append(
+                f"{_value(getattr(verdict, other), verdict.kind)} for {label} ({_difference(difference, verdict.kind)})"
+            )
     if verdict.verdict == "worked" or verdict.verdict == "regressed" or len(versus) == 1:
         order = versus
     elif verdict.verdict == "prompting_suffices":
@@ -174,14 +215,19 @@ def _what(verdict: Verdict) -> str:
     label = primary_label(verdict.primary)
     if verdict.kind != "share":
         return f"mean {label} score" if verdict.primary not in ("rougeL",) else "ROUGE-L"
-    return {"format": "follow eval.format", "chat": "end their turn cleanly",
-            "exact_match": "match the reference exactly"}.get(verdict.primary, f"pass `{label}`")
+    return {
+        "format": "follow eval.format",
+        "chat": "end their turn cleanly",
+        "exact_match": "match the reference exactly",
+    }.get(verdict.primary, f"pass `{label}`")
 
 
 def _reasons(verdict: Verdict, shots: str) -> list[str]:
     out = []
-    for label, difference in ((f"the {shots} base model", verdict.tuned_minus_prompted),
-                              ("the base model", verdict.tuned_minus_base)):
+    for label, difference in (
+        (f"the {shots} base model", verdict.tuned_minus_prompted),
+        ("the base model", verdict.tuned_minus_base),
+    ):
         if difference is None:
             continue
         if difference.significantly_better:
@@ -190,8 +236,10 @@ def _reasons(verdict: Verdict, shots: str) -> list[str]:
             judged = "significantly worse than"
         else:
             judged = "not significantly different from"
-        out.append(f"the tuned model is {judged} {label} on {primary_label(verdict.primary)} "
-                   f"({_difference(difference, verdict.kind)}, over {verdict.num_prompts} held-out prompts)")
+        out.append(
+            f"the tuned model is {judged} {label} on {primary_label(verdict.primary)} "
+            f"({_difference(difference, verdict.kind)}, over {verdict.num_prompts} held-out prompts)"
+        )
     return out
 
 

@@ -17,8 +17,9 @@ the normalized text, after which every stage reads contiguous, memory-mapped fil
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 TAKE_CHUNK = 10_000  # rows copied at a time when selecting: memory stays bounded by one chunk
 

@@ -173,7 +173,8 @@ def judge(audit: dict, cfg: DataConfig, rows_in: int) -> None:
         warn(f"only {audit['trained_token_share']:.1%} of tokens are trained: prompts dominate the data")
     if audit["end_of_turn_untrained"]:
         warn(
-            f"{audit['end_of_turn_untrained']} examples do not train the end-of-turn token: the model may not learn to stop"
+            f"{audit['end_of_turn_untrained']} examples do not train the end-of-turn token: "
+            "the model may not learn to stop"
         )
     if not audit["splits"]["eval"]["rows"]:
         warn("no eval data: overfitting cannot be detected (set data.eval or data.eval_split)")

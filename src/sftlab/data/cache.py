@@ -36,6 +36,7 @@ from pathlib import Path
 from sftlab.config import DataConfig, SourceConfig, cache_root
 from sftlab.data.formats import Example, ExampleSequence
 from sftlab.data.sources import source_list
+from sftlab.rundir import AUDIT_FILE
 
 CACHE_VERSION = "4"  # 4: masks for real templates (issue 16), the `stops` column
 MANIFEST = "manifest.json"
@@ -114,7 +115,7 @@ def write_entry(
     (directory / "train_sample.jsonl").write_text(
         "".join(json.dumps(asdict(example), default=str) + "\n" for example in train_sample), encoding="utf-8"
     )
-    (directory / "audit.json").write_text(json.dumps(audit), encoding="utf-8")
+    (directory / AUDIT_FILE).write_text(json.dumps(audit), encoding="utf-8")
     (directory / MANIFEST).write_text(json.dumps({"files": names, "labels": labels}), encoding="utf-8")
 
 
@@ -150,7 +151,7 @@ def load_entry(directory: Path):
         )
         lines = (directory / "train_sample.jsonl").read_text(encoding="utf-8").splitlines()
         sample = [Example(**json.loads(line)) for line in lines]
-        audit = json.loads((directory / "audit.json").read_text(encoding="utf-8"))
+        audit = json.loads((directory / AUDIT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError, KeyError, datasets.exceptions.DatasetsError):
         return None
     return PreparedData(train=train, eval=evaluation, eval_examples=examples, audit=audit, train_sample=sample)

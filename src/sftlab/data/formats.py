@@ -27,9 +27,9 @@ import hashlib
 import json
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from sftlab.data.sources import BadRow, Record, parse_json_record
 from sftlab.errors import DataError

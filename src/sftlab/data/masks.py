@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Sequence
+from typing import Any
 
 from sftlab.data.formats import Example, batch_examples
 from sftlab.data.sources import BadRow

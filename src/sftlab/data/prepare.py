@@ -27,9 +27,10 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from sftlab.config import DataConfig
 from sftlab.data import arrowio

@@ -25,9 +25,10 @@ import io
 import json
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 from sftlab.config import SourceConfig
 from sftlab.errors import BadRow, DataError

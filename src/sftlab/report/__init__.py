@@ -42,10 +42,9 @@ from sftlab.report.facts import Status, exported_files, run_status, training_fac
 from sftlab.report.html import LIVE_REFRESH_SECONDS, render_html
 from sftlab.report.limitations import known_limitations
 from sftlab.report.run import Run, read_run
-from sftlab.resolve import current_versions, write_run_info
-from sftlab.rundir import write_audit, writing
 from sftlab.report.text import duration, fmt, writable
-from sftlab.rundir import CARD_FILE, EXPORTS_FILE, REPORT_FILE, RUN_INFO_FILE, write_atomically
+from sftlab.resolve import current_versions, write_run_info
+from sftlab.rundir import CARD_FILE, EXPORTS_FILE, REPORT_FILE, RUN_INFO_FILE, write_atomically, write_audit, writing
 
 __all__ = [
     "write_report",

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from sftlab.contracts import Audit, Bool, EvalSummary, Float, Int, Record, RunInfo, Soft, SoftItems, StopRecord, Str
 from sftlab.diagnose import Diagnosis, Finding, diagnose, read_history
@@ -144,7 +144,8 @@ def read_run(run_dir: str | Path, plots: bool = True) -> Run:
     info = _read_json(run, RUN_INFO_FILE, "hardware, versions and resolved arguments of the training process")
     run.run_info = RunInfo.parse(info) or RunInfo()
     run.hardware = Hardware.parse(run.run_info.hardware) if run.run_info.hardware else None
-    run.audit = Audit.parse(_read_json(run, relative(AUDIT_FILE), "the data audit: dataset characteristics are unknown")
+    run.audit = Audit.parse(
+        _read_json(run, relative(AUDIT_FILE), "the data audit: dataset characteristics are unknown")
     )
     _read_metrics(run)
     stopped = _read_json(run, STOPPED_FILE, None)  # only written when the run stopped early
@@ -183,11 +184,14 @@ def _read_evaluations(run: Run) -> None:
     """eval/before.json, prompted.json, after.json; a baseline switched off in the config is not missing."""
     before_missing = "the base model's evaluation: no before/after comparison"
     prompted_missing = "the prompted base model's evaluation: prompting is not compared"
-    run.before = EvalSummary.parse(_read_json(run, relative(BEFORE_FILE), before_missing if run.config.eval.baseline is not False else None),
+    run.before = EvalSummary.parse(
+        _read_json(run, relative(BEFORE_FILE), before_missing if run.config.eval.baseline is not False else None),
     )
-    run.prompted = EvalSummary.parse(_read_json(run, relative(PROMPTED_FILE), prompted_missing if run.config.eval.prompted_baseline else None),
+    run.prompted = EvalSummary.parse(
+        _read_json(run, relative(PROMPTED_FILE), prompted_missing if run.config.eval.prompted_baseline else None),
     )
-    run.after = EvalSummary.parse(_read_json(run, relative(AFTER_FILE), "the evaluation of the fine-tuned model: results are unmeasured"),
+    run.after = EvalSummary.parse(
+        _read_json(run, relative(AFTER_FILE), "the evaluation of the fine-tuned model: results are unmeasured"),
     )
 
 
