@@ -248,6 +248,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path, help="a finished SmolLM2 run, e.g. the demo's (sftlab demo --output DIR)")
     parser.add_argument("--output", type=Path, default=RESULT)
+    parser.add_argument(
+        "--prompts", type=int, default=None, help="the first N held-out prompts (default: eval.num_prompts)"
+    )
     args = parser.parse_args()
     version = ensure_llama_cpp()
 
@@ -258,7 +261,7 @@ def main() -> int:
 
     cfg = load_config(args.run / "config.yaml")
     _, tokenizer = load_tuned(args.run)
-    conversations = held_out_conversations(cfg)
+    conversations = held_out_conversations(cfg)[: args.prompts]
     texts = [render(tokenizer, messages, add_generation_prompt=True) for messages in conversations]
     prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     reference, reference_s = transformers_answers(args.run, prompts, cfg.eval.max_new_tokens)

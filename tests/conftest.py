@@ -21,7 +21,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Prepared-data cache in a private folder: tests never read a cache another run left behind.
-os.environ["SFTLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="sftlab-test-cache-")
+# (shared by the pytest-xdist workers of one run: the embedded model is converted once; entries are written
+# under a temporary name and renamed into place, so two workers never read half of one)
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _RUN_ID:
+    os.environ["SFTLAB_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"sftlab-test-cache-{_RUN_ID}")
+    Path(os.environ["SFTLAB_CACHE_DIR"]).mkdir(exist_ok=True)
+else:
+    os.environ["SFTLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="sftlab-test-cache-")
 # Under pytest-xdist (`-n 2`, one worker per core) each worker, and the processes it starts,
 # computes on one thread: two workers with two threads each would fight over two cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
