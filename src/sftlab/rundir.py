@@ -81,11 +81,16 @@ def relative(name: str) -> str:
 
 def write_atomically(path: str | Path, text: str) -> None:
     """Write to a temporary name, then rename: a kill leaves the old file or the new one, never half of one."""
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_bytes_atomically(path: str | Path, data: bytes) -> None:
+    """`write_atomically` for binary files (the plots)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes never share a temporary file
     try:
-        temporary.write_text(text, encoding="utf-8")
+        temporary.write_bytes(data)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -162,8 +167,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return []
+    return _json_objects(text.splitlines())
+
+
+def _json_objects(lines: list[str]) -> list[dict]:
+    """The lines that parse as JSON objects; a line cut by a kill, or anything else, is skipped."""
     records = []
-    for line in text.splitlines():
+    for line in lines:
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, RecursionError):
@@ -368,18 +378,6 @@ def copy_model_files(checkpoint: str | Path, final_dir: str | Path) -> None:
 # =========================================================================== additions (issue 15, monitor stage)
 
 
-def write_bytes_atomically(path: str | Path, data: bytes) -> None:
-    """`write_atomically` for binary files (the plots)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def read_jsonl_checked(path: str | Path) -> tuple[list[dict], str | None]:
     """(every JSON object of a JSONL file, None), or ([], why it holds none) when it has lines but no object, is
     not UTF-8 or cannot be read; ([], None) when it does not exist or is empty. A line cut by a kill is skipped."""
@@ -393,14 +391,7 @@ def read_jsonl_checked(path: str | Path) -> tuple[list[dict], str | None]:
     except OSError as error:
         return [], f"cannot be read ({error.strerror or error})"
     lines = [line for line in text.splitlines() if line.strip()]
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            continue
-        if isinstance(record, dict):
-            records.append(record)
+    records = _json_objects(lines)
     if lines and not records:
         return [], "no JSON object on any line"
     return records, None
