@@ -6,11 +6,18 @@
   sampling, stopping on the template's end-of-turn token or EOS (`stop_token_ids`);
 - `generate_answers` runs `generate` over any number of prompts in batches of similar
   lengths, seeded, and gives the answers back in prompt order;
+- `shared_prefix` encodes once the tokens every prompt of a set starts with (the system
+  prompt, the few-shot examples) and hands each batch a copy of their KV cache;
 - `follows_format` checks an answer against the user's `eval.format`.
 
 Trade-offs:
 - Prompts are sorted by length before batching, so little of a batch is padding; a batch
   ends as soon as every answer in it has stopped.
+- With a shared prefix a batch reads [prefix][padding][rest of the prompt]: the attention
+  mask hides the padding and positions follow the mask, so the answers are those of the
+  plain left-padded batch (equal up to float rounding), and the few-shot baseline pays for
+  its shots once instead of once per prompt. Models whose cache cannot be copied per batch
+  (no `batch_repeat_interleave`) or whose forward refuses it are run without.
 - Raw prompts get the tokenizer's BOS; rendered chat prompts carry their own markers, so
   the two never share a batch.
 - Sampling runs under a forked torch RNG: evaluating never moves the training's random state.
@@ -18,13 +25,32 @@ Trade-offs:
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+import inspect
 import json
+import logging
 import re
+from dataclasses import dataclass
 
 from sftlab.config import EvalConfig, FormatSpec
 from sftlab.templates import render, stop_token_ids
 
-__all__ = ["follows_format", "generate", "generate_answers", "generation_prompts", "stop_token_ids"]
+__all__ = [
+    "SharedPrefix",
+    "follows_format",
+    "generate",
+    "generate_answers",
+    "generation_prompts",
+    "shared_prefix",
+    "stop_token_ids",
+]
+
+log = logging.getLogger(__name__)
+
+# A shared prefix shorter than this saves less than its own forward pass and cache copies cost.
+PREFIX_MIN_TOKENS = 16
 
 
 def generation_prompts(tokenizer, examples, count: int) -> list[str]:
@@ -49,38 +75,36 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    prefix: SharedPrefix | None = None,
 ) -> list[dict]:
     """Batched, left-padded generation with the KV cache, greedy unless `do_sample`.
 
-    Returns, per prompt, the text (special tokens skipped), the new token ids before the
-    stop token (to look for leaked template tokens), and whether it stopped.
+    `prefix`, when given, holds the first tokens of every prompt already encoded. Returns,
+    per prompt, the text (special tokens skipped), the new token ids before the stop token
+    (to look for leaked template tokens), and whether it stopped.
     """
     import torch
 
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
-    finally:
-        tokenizer.padding_side = side
+    ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
+    input_ids, attention_mask = _left_padded(ids, tokenizer.pad_token_id, prefix)
+    device = _device(model)
     # Sampling settings only when sampling: with greedy decoding transformers warns about them.
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            output = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                use_cache=True,
-                eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-                **sampling,
-            )
-    finally:
-        model.train(was_training)
+    cache = {"past_key_values": prefix.for_batch(len(ids))} if prefix is not None else {}
+    with _eval_mode(model), torch.no_grad():
+        output = model.generate(
+            input_ids=torch.tensor(input_ids, device=device),
+            attention_mask=torch.tensor(attention_mask, device=device),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            use_cache=True,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            **cache,
+            **sampling,
+        )
     results = []
-    for row in output[:, batch["input_ids"].shape[1] :].tolist():
+    for row in output[:, len(input_ids[0]) :].tolist():
         stop_at = next((i for i, token in enumerate(row) if token in stop_ids), None)
         new = row if stop_at is None else row[:stop_at]
         results.append(
@@ -93,40 +117,117 @@ def generate(
     return results
 
 
+def _left_padded(ids: list[list[int]], pad_id: int | None, prefix: SharedPrefix | None):
+    """Input ids and attention mask, padded on the left, or between the shared prefix and the rest."""
+    pad_id = 0 if pad_id is None else pad_id
+    head = prefix.ids if prefix is not None else []
+    tails = [row[len(head) :] for row in ids]
+    width = max(len(tail) for tail in tails)
+    input_ids = [head + [pad_id] * (width - len(tail)) + tail for tail in tails]
+    attention_mask = [[1] * len(head) + [0] * (width - len(tail)) + [1] * len(tail) for tail in tails]
+    return input_ids, attention_mask
+
+
 def generate_answers(
     model, tokenizer, prompts: list[str], chat: list[bool], cfg: EvalConfig, seed: int = 42
 ) -> list[dict]:
-    """`generate` over every prompt: batches of similar lengths, answers back in prompt order."""
+    """`generate` over every prompt: batches of similar lengths, a shared prefix encoded once,
+    answers back in prompt order."""
     import torch
 
-    stop_ids = stop_token_ids(tokenizer)
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: (chat[i], lengths[i]))
-    batches = []
-    for is_chat in (False, True):  # raw prompts get the tokenizer's BOS, chat prompts carry their own markers
-        group = [i for i in order if chat[i] == is_chat]
-        batches += [
-            (is_chat, group[start : start + cfg.generation_batch_size])
-            for start in range(0, len(group), cfg.generation_batch_size)
-        ]
+    ids = [tokenizer(prompt, add_special_tokens=not is_chat)["input_ids"] for prompt, is_chat in zip(prompts, chat)]
+    order = sorted(range(len(prompts)), key=lambda i: (chat[i], len(ids[i])))
+    answer = functools.partial(
+        generate,
+        model,
+        tokenizer,
+        max_new_tokens=cfg.max_new_tokens,
+        stop_ids=stop_token_ids(tokenizer),
+        do_sample=cfg.do_sample,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+    )
     answers: list[dict | None] = [None] * len(prompts)
     with torch.random.fork_rng():  # sampling must not move the training's random state
         torch.manual_seed(seed)
-        for is_chat, batch in batches:
-            results = generate(
-                model,
-                tokenizer,
-                [prompts[i] for i in batch],
-                cfg.max_new_tokens,
-                stop_ids,
-                chat=is_chat,
-                do_sample=cfg.do_sample,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-            )
-            for i, result in zip(batch, results):
-                answers[i] = result
+        for is_chat in (False, True):  # raw prompts get the tokenizer's BOS, chat prompts carry their own markers
+            group = [i for i in order if chat[i] == is_chat]
+            prefix = shared_prefix(model, [ids[i] for i in group])
+            for start in range(0, len(group), cfg.generation_batch_size):
+                batch = group[start : start + cfg.generation_batch_size]
+                batch_prompts = [prompts[i] for i in batch]
+                try:
+                    results = answer(batch_prompts, chat=is_chat, prefix=prefix)
+                except (TypeError, ValueError, AttributeError, IndexError) as error:
+                    if prefix is None:
+                        raise
+                    log.debug("the shared prefix cache does not work with this model (%s): generating without", error)
+                    prefix = None
+                    results = answer(batch_prompts, chat=is_chat)
+                for i, result in zip(batch, results):
+                    answers[i] = result
     return answers
+
+
+# =========================================================================== a prefix every prompt shares
+
+
+@dataclass
+class SharedPrefix:
+    """The tokens every sequence of a set starts with, and their KV cache for one sequence."""
+
+    ids: list[int]
+    cache: object  # a transformers Cache
+
+    def for_batch(self, size: int):
+        """A copy of the cache for `size` sequences (the model appends to the cache it is given)."""
+        cache = copy.deepcopy(self.cache)
+        if size > 1:
+            cache.batch_repeat_interleave(size)
+        return cache
+
+
+def shared_prefix(model, sequences: list[list[int]], limit: int | None = None) -> SharedPrefix | None:
+    """The tokens all `sequences` start with, encoded once; None when shorter than PREFIX_MIN_TOKENS
+    or when the model's cache cannot be copied per batch.
+
+    At least one token of each sequence stays outside the prefix (its logits start the answer);
+    `limit` caps the prefix further."""
+    if len(sequences) < 2:
+        return None
+    length = min(len(sequence) for sequence in sequences) - 1
+    if limit is not None:
+        length = min(length, limit)
+    first = sequences[0]
+    for sequence in sequences[1:]:
+        length = next((i for i in range(length) if sequence[i] != first[i]), length)
+    if length < PREFIX_MIN_TOKENS:
+        return None
+    import torch
+
+    inputs = {"input_ids": torch.tensor([first[:length]], device=_device(model)), "use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        inputs["logits_to_keep"] = 1  # the prefix's logits are never read: do not hold them all
+    with _eval_mode(model), torch.no_grad():
+        cache = getattr(model(**inputs), "past_key_values", None)
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    return SharedPrefix(first[:length], cache)
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """The model in eval mode (no dropout) for the block, back in its own mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model):
+    return next(model.parameters()).device
 
 
 def follows_format(text: str, spec: FormatSpec | None) -> bool | None:

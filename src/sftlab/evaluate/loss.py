@@ -11,11 +11,16 @@ Trade-offs:
   logits in memory.
 - The model is measured in its own dtype (the caller unwraps training's autocast), so
   before and after compare.
+- Tokens every row starts with before its first trained token (the few-shot examples of the
+  prompted baseline, a shared system prompt) are encoded once and their KV cache copied to
+  each batch (generation.shared_prefix): the loss is the same, the shots are paid for once.
 """
 
 from __future__ import annotations
 
 import math
+
+from sftlab.generation import shared_prefix
 
 LOSS_BATCH_TOKENS = 4096  # tokens per forward pass for the losses: bounds the full-vocabulary logits in memory
 
@@ -30,26 +35,31 @@ def trained_token_loss(model, rows, max_length: int | None = None) -> dict:
 
     ids = [list(row)[:max_length] if max_length else list(row) for row in rows["input_ids"]]
     masks = [list(row)[:max_length] if max_length else list(row) for row in rows["assistant_masks"]]
+    # Token t is predicted from the positions before it: a prefix must end before every row's first trained token.
+    first_trained = min((mask.index(1) for mask in masks if 1 in mask), default=0)
+    prefix = shared_prefix(model, ids, limit=first_trained - 1)
+    start = len(prefix.ids) if prefix is not None else 0
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     device = next(model.parameters()).device
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     try:
-        for batch in _token_batches(order, [len(row) for row in ids]):
-            width = max(len(ids[i]) for i in batch)
+        for batch in _token_batches(order, [len(row) - start for row in ids]):
+            width = max(len(ids[i]) for i in batch) - start
             input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            attention = torch.zeros((len(batch), start + width), dtype=torch.long)
             trained = torch.zeros((len(batch), width), dtype=torch.bool)
             for row, i in enumerate(batch):
-                length = len(ids[i])
-                input_ids[row, :length] = torch.tensor(ids[i])
-                attention[row, :length] = 1
-                trained[row, :length] = torch.tensor(masks[i], dtype=torch.bool)
+                length = len(ids[i]) - start
+                input_ids[row, :length] = torch.tensor(ids[i][start:])
+                attention[row, : start + length] = 1
+                trained[row, :length] = torch.tensor(masks[i][start:], dtype=torch.bool)
+            inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+            if prefix is not None:
+                inputs["past_key_values"] = prefix.for_batch(len(batch))
             with torch.no_grad():
-                inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
-                logits = model(**inputs, use_cache=False).logits
-            # Token t is predicted from the positions before it: it counts when it was trained.
+                logits = model(**inputs, use_cache=prefix is not None).logits
             targets = trained[:, 1:].to(device)
             losses = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:].to(device), reduction="none"
