@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     from sftlab.data import prepare_data
     from sftlab.demo import demo_config
     from sftlab.evaluate import evaluate_model, held_out_set
-    from sftlab.model import add_default_chat_template, load_model, load_tokenizer
+    from sftlab.model import load_model, load_tokenizer
+    from sftlab.templates import add_default_chat_template
 
     with tempfile.TemporaryDirectory(prefix="sftlab-bench-eval-") as tmp:
         cfg = demo_config(

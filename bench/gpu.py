@@ -220,7 +220,7 @@ def build_tokenizer(directory: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from sftlab.model import CHATML_SPECIAL_TOKENS, CHATML_TEMPLATE
+    from sftlab.templates import CHATML_SPECIAL_TOKENS, CHATML_TEMPLATE
 
     rng = random.Random(0)
     bpe = Tokenizer(models.BPE())

@@ -310,7 +310,8 @@ def build_deepseek_shape(directory: Path) -> Path:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from sftlab.config import ModelConfig
-    from sftlab.model import add_default_chat_template, load_tokenizer
+    from sftlab.model import load_tokenizer
+    from sftlab.templates import add_default_chat_template
 
     tokenizer = load_tokenizer(ModelConfig())
     add_default_chat_template(tokenizer)
@@ -513,7 +514,8 @@ def worker(kind: str, spec: dict) -> dict:
     if on_gpu():
         torch.cuda.reset_peak_memory_stats()
     from sftlab.config import ModelConfig
-    from sftlab.model import add_default_chat_template, load_model, load_tokenizer
+    from sftlab.model import load_model, load_tokenizer
+    from sftlab.templates import add_default_chat_template
 
     result: dict = {"variant": kind}
     if kind == "trl":
@@ -974,7 +976,8 @@ def main(argv: list[str] | None = None) -> int:
         provenance = use_sftlab_source(args.sftlab_commit, workdir)
         model_source = build_model(args.model, workdir, provenance["tests"])
         from sftlab.config import ModelConfig
-        from sftlab.model import add_default_chat_template, load_tokenizer
+        from sftlab.model import load_tokenizer
+        from sftlab.templates import add_default_chat_template
 
         tokenizer = load_tokenizer(ModelConfig(name_or_path=model_source))
         add_default_chat_template(tokenizer)

@@ -175,28 +175,51 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
+# The tiny run every training test starts from: a few steps, an evaluation and a checkpoint every 3.
+TINY_TRAINING = {
+    "max_steps": 6,
+    "per_device_train_batch_size": 4,
+    "learning_rate": 1.0e-3,
+    "logging_steps": 2,
+    "eval_steps": 3,
+    "save_steps": 3,
+    "max_length": 128,
+}
+
+
+def tiny_config_file(
+    path: Path,
+    model: Path,
+    train_file: Path | None = None,
+    eval_file: Path | None = None,
+    *,
+    data: dict | None = None,
+    training: dict | None = None,
+    **sections: dict,
+) -> Path:
+    """The one test config factory: `model` trained on `train_file` (and `eval_file`) as TINY_TRAINING
+    says, updated by `training` (a key set to None is left out), its run in path.parent / "run" unless
+    training.output_dir says; `data` adds to the data section, and any other section (eval, monitor,
+    lora...) is written as given."""
+    import yaml
+
+    data_section = {key: str(value) for key, value in (("train", train_file), ("eval", eval_file)) if value is not None}
+    settings = {"output_dir": path.parent / "run", **TINY_TRAINING, **(training or {})}
+    config = {
+        "model": {"name_or_path": str(model)},
+        "data": {**data_section, **(data or {})},
+        "training": {key: str(value) if isinstance(value, Path) else value for key, value in settings.items()},
+        **sections,
+    }
+    config["training"] = {key: value for key, value in config["training"].items() if value is not None}
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_model, chat_data) -> Path:
     """A complete config training the tiny model for a few steps."""
-    return write_config(
-        tmp_path / "config.yaml",
-        f"""
-model:
-  name_or_path: {tiny_model}
-data:
-  train: {chat_data["train"]}
-  eval: {chat_data["eval"]}
-training:
-  output_dir: {tmp_path / "run"}
-  max_steps: 6
-  per_device_train_batch_size: 4
-  learning_rate: 1.0e-3
-  logging_steps: 2
-  eval_steps: 3
-  save_steps: 3
-  max_length: 128
-""",
-    )
+    return tiny_config_file(tmp_path / "config.yaml", tiny_model, chat_data["train"], chat_data["eval"])
 
 
 def sftlab_in_process(*args) -> tuple[int, str, str]:

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import chat_rows, write_jsonl
+from conftest import chat_rows, tiny_config_file, write_jsonl
 from sftlab.config import DataConfig, ModelConfig, SourceConfig, validate_config
 from sftlab.data import FORMATS, prepare_data
 from sftlab.errors import ConfigError, DataError
@@ -73,14 +73,6 @@ def sftlab(*args, cwd):
         env=env,
         timeout=300,
     )
-
-
-def write_config(path: Path, model: Path, data: dict, training: dict | None = None) -> Path:
-    import yaml
-
-    config = {"model": {"name_or_path": str(model)}, "data": data, "training": training or {}}
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path
 
 
 def distribution(values):
@@ -419,7 +411,7 @@ def test_each_format_is_detected_audited_and_trained_on_the_response(tmp_path, t
 @pytest.mark.parametrize("case", ["sharegpt", "alpaca"])
 def test_check_json_through_the_cli(tmp_path, tiny_model, case):
     built = build_format_case(case, tmp_path)
-    config = write_config(tmp_path / "c.yaml", tiny_model, built["data"], {"max_length": 64})
+    config = tiny_config_file(tmp_path / "c.yaml", tiny_model, data=built["data"], training={"max_length": 64})
     result = sftlab("check", config, "--json", tmp_path / "audit.json", cwd=tmp_path)
     # Warnings (duplicates, leakage, a dropped row) do not stop training: exit 0.
     assert result.returncode == 0, result.stderr
@@ -1084,7 +1076,7 @@ def test_perturbed_conversations_only_ever_raise_data_error(tokenizer, fuzz_dir,
 
 def test_check_exits_2_when_nothing_would_be_trained(tmp_path, tiny_model):
     train = write_jsonl(tmp_path / "train.jsonl", chat_rows(6))
-    config = write_config(tmp_path / "c.yaml", tiny_model, {"train": str(train)}, {"max_length": 4})
+    config = tiny_config_file(tmp_path / "c.yaml", tiny_model, train, training={"max_length": 4})
     result = sftlab("check", config, "--json", tmp_path / "audit.json", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr

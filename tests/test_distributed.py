@@ -5,7 +5,7 @@ import socket
 import subprocess
 import sys
 
-from sftlab.monitor import METRICS_FILE, read_jsonl
+from sftlab.rundir import METRICS_FILE, read_jsonl
 
 
 def free_port() -> int:

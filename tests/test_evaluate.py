@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import sftlab_in_process, write_config, write_jsonl
+from conftest import sftlab_in_process, tiny_config_file, write_config, write_jsonl
 from sftlab.config import load_config
 from sftlab.evaluate import (
     AFTER_FILE,
@@ -27,7 +27,7 @@ from sftlab.evaluate import (
     trained_token_loss,
 )
 from sftlab.metrics import distinct_n, duplicate_share, exact_match, memorization, rouge_l
-from sftlab.monitor import METRICS_FILE, read_jsonl
+from sftlab.rundir import METRICS_FILE, read_jsonl
 from sftlab.train import train
 
 FORMAT = r"ANSWER: \d+"
@@ -56,35 +56,26 @@ def formatted_run(tmp_path_factory, tiny_model):
     tmp = tmp_path_factory.mktemp("formatted")
     train_file = write_jsonl(tmp / "train.jsonl", sum_rows(200, seed=0))
     eval_file = write_jsonl(tmp / "eval.jsonl", sum_rows(16, seed=1))
-    config = write_config(
+    config = tiny_config_file(
         tmp / "config.yaml",
-        f"""
-model:
-  name_or_path: {tiny_model}
-data:
-  train: {train_file}
-  eval: {eval_file}
-training:
-  output_dir: {tmp / "run"}
-  max_steps: 120
-  per_device_train_batch_size: 8
-  per_device_eval_batch_size: 16
-  learning_rate: 3.0e-3
-  warmup_ratio: 0
-  logging_steps: 20
-  eval_steps: 120
-  save_steps: 120
-  max_length: 64
-  bf16: false  # fp32 evaluation by the trainer too: its eval_loss is comparable to the last digit
-  report_to: none
-eval:
-  num_prompts: 16
-  max_new_tokens: 12
-  format: {{type: regex, pattern: '{FORMAT}'}}
-monitor:
-  plots: false
-  sample_prompts: 0
-""",
+        tiny_model,
+        train_file,
+        eval_file,
+        training={
+            "max_steps": 120,
+            "per_device_train_batch_size": 8,
+            "per_device_eval_batch_size": 16,
+            "learning_rate": 3.0e-3,
+            "warmup_ratio": 0,
+            "logging_steps": 20,
+            "eval_steps": 120,
+            "save_steps": 120,
+            "max_length": 64,
+            "bf16": False,  # fp32 evaluation by the trainer too: its eval_loss is comparable to the last digit
+            "report_to": "none",
+        },
+        eval={"num_prompts": 16, "max_new_tokens": 12, "format": {"type": "regex", "pattern": FORMAT}},
+        monitor={"plots": False, "sample_prompts": 0},
     )
     result = train(load_config(config))
     return result.run_dir, config

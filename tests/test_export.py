@@ -12,8 +12,9 @@ import pytest
 from conftest import build_tiny_model, chat_rows, sftlab_in_process, write_jsonl
 from sftlab.config import load_config
 from sftlab.errors import UserError
-from sftlab.export import OLLAMA_CHATML, export_run, ollama_template
+from sftlab.export import export_run
 from sftlab.export_gguf import write_gguf
+from sftlab.templates import OLLAMA_CHATML, ollama_template
 from sftlab.train import train
 
 # f16 keeps ~3 decimal digits per weight: on the tiny model (logits of magnitude ~1-10) the largest logit

@@ -6,7 +6,8 @@ import pytest
 
 from sftlab.config import ModelConfig
 from sftlab.errors import ModelError
-from sftlab.model import EMBEDDED_GGUF, add_default_chat_template, load_model, load_tokenizer, resolve_model_source
+from sftlab.model import EMBEDDED_GGUF, load_model, load_tokenizer, resolve_model_source
+from sftlab.templates import add_default_chat_template
 
 
 def test_embedded_default_resolves_to_the_packaged_gguf_file(monkeypatch):

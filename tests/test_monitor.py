@@ -4,12 +4,13 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import tiny_config_file, write_jsonl
 from sftlab.config import FormatSpec, load_config
-from sftlab.monitor import follows_format
+from sftlab.generation import follows_format
 from sftlab.rundir import METRICS_FILE, read_jsonl
 from sftlab.rundir import TRAINING_SAMPLES_FILE as SAMPLES_FILE
 from sftlab.train import train
@@ -87,7 +88,7 @@ def test_a_nan_stops_the_run_at_once_and_keeps_the_last_good_checkpoint(tiny_con
     assert codes.get("instability") == "error"
 
 
-def overfitting_config(tmp_path, tiny_model, stop_on: str) -> object:
+def overfitting_config(tmp_path, tiny_model, stop_on: list[str]) -> Path:
     rng = random.Random(0)
 
     def nonsense():
@@ -100,31 +101,28 @@ def overfitting_config(tmp_path, tiny_model, stop_on: str) -> object:
         ]
 
     train_file, eval_file = write_jsonl(tmp_path / "t.jsonl", rows(8)), write_jsonl(tmp_path / "e.jsonl", rows(8))
-    (tmp_path / "overfit.yaml").write_text(f"""model:
-  name_or_path: {tiny_model}
-data:
-  train: {train_file}
-  eval: {eval_file}
-training:
-  output_dir: {tmp_path / "overfit-run"}
-  max_steps: 120
-  per_device_train_batch_size: 4
-  learning_rate: 3.0e-3
-  warmup_ratio: 0
-  lr_scheduler_type: constant
-  logging_steps: 2
-  eval_steps: 4
-  save_steps: 4
-  packing: false
-monitor:
-  stop_on: {stop_on}
-  sample_prompts: 0
-""")
-    return tmp_path / "overfit.yaml"
+    return tiny_config_file(
+        tmp_path / "overfit.yaml",
+        tiny_model,
+        train_file,
+        eval_file,
+        training={
+            "output_dir": tmp_path / "overfit-run",
+            "max_steps": 120,
+            "learning_rate": 3.0e-3,
+            "warmup_ratio": 0,
+            "lr_scheduler_type": "constant",
+            "eval_steps": 4,
+            "save_steps": 4,
+            "max_length": None,
+            "packing": False,
+        },
+        monitor={"stop_on": stop_on, "sample_prompts": 0},
+    )
 
 
 def test_stop_on_overfitting_stops_early_keeps_the_best_checkpoint_and_says_why(tmp_path, tiny_model):
-    result = train(load_config(overfitting_config(tmp_path, tiny_model, "[overfitting]")))
+    result = train(load_config(overfitting_config(tmp_path, tiny_model, ["overfitting"])))
     assert result.stopped is not None and result.stopped["reason"] == "overfitting", result.stopped
     assert result.global_step < 120
     assert "eval loss" in result.stopped["evidence"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from conftest import build_tiny_model, chat_rows, write_jsonl
+from conftest import build_tiny_model, chat_rows, tiny_config_file, write_jsonl
 from sftlab.config import DataConfig, ModelConfig, load_config
 from sftlab.data import prepare_data
 from sftlab.errors import ConfigError
@@ -65,19 +65,13 @@ def test_packed_batch_loss_equals_the_token_weighted_loss_of_its_examples_one_by
 
 
 def opt_config(tmp_path, tiny_opt, chat_data, packing: bool):
-    path = tmp_path / "opt.yaml"
-    path.write_text(f"""model:
-  name_or_path: {tiny_opt}
-data:
-  train: {chat_data["train"]}
-  eval: {chat_data["eval"]}
-training:
-  output_dir: {tmp_path / "opt-run"}
-  max_steps: 2
-  packing: {str(packing).lower()}
-  max_length: 128
-""")
-    return path
+    return tiny_config_file(
+        tmp_path / "opt.yaml",
+        tiny_opt,
+        chat_data["train"],
+        chat_data["eval"],
+        training={"output_dir": tmp_path / "opt-run", "max_steps": 2, "packing": packing},
+    )
 
 
 def test_packing_a_model_that_would_mix_examples_is_refused_before_training(tmp_path, tiny_opt, chat_data):
@@ -103,17 +97,13 @@ def test_cli_refuses_contaminating_packing_with_exit_2(tmp_path, tiny_opt, chat_
 def test_multi_field_records_train_packed_through_the_data_template(tmp_path, tiny_model):
     rows = [{"question": f"What is {i} times 3?", "answer": f"{3 * i}", "topic": "math"} for i in range(40)]
     data = write_jsonl(tmp_path / "qa.jsonl", rows)
-    (tmp_path / "qa.yaml").write_text(f"""model:
-  name_or_path: {tiny_model}
-data:
-  train: {data}
-  template: "### Question: {{question}}\\n### Answer: {{answer}}"
-training:
-  output_dir: {tmp_path / "qa-run"}
-  max_steps: 3
-  packing: true
-  max_length: 64
-""")
+    tiny_config_file(
+        tmp_path / "qa.yaml",
+        tiny_model,
+        data,
+        data={"template": "### Question: {question}\n### Answer: {answer}"},
+        training={"output_dir": tmp_path / "qa-run", "max_steps": 3, "packing": True, "max_length": 64},
+    )
     cfg = load_config(tmp_path / "qa.yaml")
     assert cfg.training["packing"] is True and cfg.training["eval_packing"] is False
     out = io.StringIO()

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import write_config
+from conftest import tiny_config_file, write_config
 from sftlab.config import load_config
 from sftlab.errors import ConfigError, UserError
 from sftlab.rundir import (
@@ -123,33 +123,21 @@ def logged_steps(run: Path, key: str = "loss") -> list[int]:
 
 @pytest.fixture
 def kill_config(tmp_path, tiny_model, chat_data) -> Path:
-    return write_config(
+    return tiny_config_file(
         tmp_path / "kill.yaml",
-        f"""
-model:
-  name_or_path: {tiny_model}
-data:
-  train: {chat_data["train"]}
-  eval: {chat_data["eval"]}
-training:
-  output_dir: {tmp_path / "run"}
-  max_steps: 10
-  per_device_train_batch_size: 4
-  learning_rate: 1.0e-3
-  logging_steps: 1
-  eval_steps: 2
-  save_steps: 2
-  save_total_limit: 1
-  max_length: 128
-  packing: false
-eval:
-  baseline: false
-  num_prompts: 2
-  max_new_tokens: 4
-monitor:
-  sample_prompts: 0
-  plots: false
-""",
+        tiny_model,
+        chat_data["train"],
+        chat_data["eval"],
+        training={
+            "max_steps": 10,
+            "logging_steps": 1,
+            "eval_steps": 2,
+            "save_steps": 2,
+            "save_total_limit": 1,
+            "packing": False,
+        },
+        eval={"baseline": False, "num_prompts": 2, "max_new_tokens": 4},
+        monitor={"sample_prompts": 0, "plots": False},
     )
 
 

@@ -18,7 +18,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import chat_rows, sftlab_in_process, write_config, write_jsonl
+from conftest import chat_rows, sftlab_in_process, tiny_config_file, write_jsonl
 from sftlab.config import load_config
 from sftlab.errors import UserError
 from sftlab.report import model_card, read_run, render_html, run_status, write_report, write_run_info
@@ -649,34 +649,14 @@ def script_data(tmp_path: Path) -> tuple[Path, Path]:
 
 def real_config(tmp_path: Path, tiny_model: Path, **training) -> Path:
     train_file, eval_file = script_data(tmp_path)
-    settings_ = {
-        "max_steps": 6,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1.0e-3,
-        "logging_steps": 2,
-        "eval_steps": 3,
-        "save_steps": 3,
-        "max_length": 128,
-        **training,
-    }
-    lines = "\n".join(f"  {key}: {value}" for key, value in settings_.items())
-    return write_config(
+    return tiny_config_file(
         tmp_path / "config.yaml",
-        f"""
-model:
-  name_or_path: {tiny_model}
-data:
-  train: {train_file}
-  eval: {eval_file}
-training:
-  output_dir: {tmp_path / "run"}
-{lines}
-eval:
-  num_prompts: 4
-  max_new_tokens: 8
-monitor:
-  sample_max_new_tokens: 8
-""",
+        tiny_model,
+        train_file,
+        eval_file,
+        training=training,
+        eval={"num_prompts": 4, "max_new_tokens": 8},
+        monitor={"sample_max_new_tokens": 8},
     )
 
 

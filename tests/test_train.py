@@ -4,8 +4,7 @@ import pytest
 
 from sftlab.config import load_config
 from sftlab.errors import UserError
-from sftlab.monitor import METRICS_FILE, read_jsonl
-from sftlab.rundir import CONFIG_FILE, FINAL_DIR
+from sftlab.rundir import CONFIG_FILE, FINAL_DIR, METRICS_FILE, read_jsonl
 from sftlab.train import train
 
 

@@ -3,11 +3,12 @@ three outcomes a user meets (worked, prompting_suffices, regressed); user metric
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import sftlab_in_process, write_config, write_jsonl
+from conftest import sftlab_in_process, tiny_config_file, write_jsonl
 from sftlab.config import load_config
 from sftlab.diagnose import Finding
 from sftlab.evaluate import AFTER_FILE, BEFORE_FILE, EVAL_DIR, PROMPTED_FILE, VERDICT_FILE
@@ -157,40 +158,32 @@ def in_context_rows(count: int, seed: int) -> list[dict]:
     return rows
 
 
-def task_config(tmp, model, train_rows, eval_rows, steps: int, extra: str = "") -> str:
+def task_config(tmp, model, train_rows, eval_rows, steps: int, **eval_settings) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
-    train_file = write_jsonl(tmp / "train.jsonl", train_rows)
-    eval_file = write_jsonl(tmp / "eval.jsonl", eval_rows)
-    return write_config(
+    return tiny_config_file(
         tmp / "config.yaml",
-        f"""
-model:
-  name_or_path: {model}
-data:
-  train: {train_file}
-  eval: {eval_file}
-training:
-  output_dir: {tmp / "run"}
-  max_steps: {steps}
-  per_device_train_batch_size: 8
-  learning_rate: 3.0e-3
-  warmup_ratio: 0
-  logging_steps: 20
-  eval_steps: {steps}
-  save_steps: {steps}
-  max_length: 128
-  report_to: none
-eval:
-  num_prompts: 24
-  max_new_tokens: 10
-  retention: false
-  show_samples: 0
-  format: {{type: regex, pattern: '{HOUSE_FORMAT}'}}
-{extra}
-monitor:
-  plots: false
-  sample_prompts: 0
-""",
+        model,
+        write_jsonl(tmp / "train.jsonl", train_rows),
+        write_jsonl(tmp / "eval.jsonl", eval_rows),
+        training={
+            "max_steps": steps,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 3.0e-3,
+            "warmup_ratio": 0,
+            "logging_steps": 20,
+            "eval_steps": steps,
+            "save_steps": steps,
+            "report_to": "none",
+        },
+        eval={
+            "num_prompts": 24,
+            "max_new_tokens": 10,
+            "retention": False,
+            "show_samples": 0,
+            "format": {"type": "regex", "pattern": HOUSE_FORMAT},
+            **eval_settings,
+        },
+        monitor={"plots": False, "sample_prompts": 0},
     )
 
 
@@ -209,7 +202,7 @@ def house_run(tmp_path_factory, tiny_model):
         sums(200, 0),
         sums(24, 1),
         steps=100,
-        extra=f"  metrics: [{{name: house, function: {tmp / 'house_metric.py'}:score}}]",
+        metrics=[{"name": "house", "function": f"{tmp / 'house_metric.py'}:score"}],
     )
     return train(load_config(config)).run_dir
 
@@ -263,7 +256,8 @@ def test_a_task_the_few_shot_prompt_already_solves_is_prompting_suffices(tmp_pat
                 in_context_rows(400, 3),
                 sums(24, 4, "prose"),
                 steps=150,
-                extra="  baseline: false\n  prompted_baseline: false",
+                baseline=False,
+                prompted_baseline=False,
             )
         )
     )

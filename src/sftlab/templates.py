@@ -16,7 +16,9 @@ conversations, never from the template's name:
   from the default: an empty think block that prompt holds is not the model's to write;
 - whether it renders nothing without tools (it iterates `tools` even when none are given);
 - the text of its turn headers that is neither a special token nor a role name
-  (`template_markers`): an answer showing it has leaked the template.
+  (`template_markers`): an answer showing it has leaked the template;
+- whether it is ChatML, and then its Ollama (Go template) equivalent for export's
+  Modelfile (`ollama_template`).
 
 Templates that print today's date (`strftime_now`) render with one date per run: the first
 rendering that prints a date pins it, and every later one, evaluation and chat included,
@@ -32,6 +34,7 @@ Trade-offs:
 
 from __future__ import annotations
 
+import json
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -309,3 +312,54 @@ def common_prefix_length(a: str, b: str) -> int:
         if a[position] != b[position]:
             return position
     return length
+
+
+# =========================================================================== Ollama's Go template
+
+
+CHATML_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
+CHATML_GENERATION = "<|im_start|>assistant\n"
+# Ollama's ChatML (its qwen2 template, without tools): every message in turn, then the assistant's opening.
+OLLAMA_CHATML = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+)
+_PROBE = [
+    {"role": "system", "content": "S1"},
+    {"role": "user", "content": "U1"},
+    {"role": "assistant", "content": "A1"},
+    {"role": "user", "content": "U2"},
+]
+
+
+def ollama_template(tokenizer) -> str | None:
+    """The chat template in Ollama's Go-template syntax when it is ChatML (a default system prompt
+    included), by what it renders; None for any other template."""
+
+    def chatml(messages):
+        return "".join(CHATML_TURN.format(**message) for message in messages) + CHATML_GENERATION
+
+    try:
+        if render(tokenizer, _PROBE, add_generation_prompt=True) != chatml(_PROBE):
+            return None
+        defaults = set()
+        for question in ("U1", "Another question?"):
+            user = [{"role": "user", "content": question}]
+            rendered = render(tokenizer, user, add_generation_prompt=True)
+            if rendered == chatml(user):
+                defaults.add(None)
+            elif rendered.startswith("<|im_start|>system\n") and rendered.endswith("<|im_end|>\n" + chatml(user)):
+                defaults.add(rendered[len("<|im_start|>system\n") : -len("<|im_end|>\n" + chatml(user))])
+            else:
+                return None
+    except Exception:  # a template that refuses the probe (no system role, ...) is not ChatML
+        return None
+    if len(defaults) != 1:
+        return None  # the "default system prompt" depends on the question: not a default
+    default = defaults.pop()
+    if default is None:
+        return OLLAMA_CHATML
+    # A JSON string is a valid Go string literal, so any text (even "{{") passes through unchanged.
+    return (
+        '{{- if or (not .Messages) (ne (index .Messages 0).Role "system") }}<|im_start|>system\n'
+        f"{{{{ {json.dumps(default)} }}}}<|im_end|>\n{{{{ end }}}}" + OLLAMA_CHATML
+    )

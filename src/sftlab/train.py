@@ -35,7 +35,7 @@ from sftlab.data import preparation_settings, prepare_data
 from sftlab.errors import ConfigError, DataError, UserError
 from sftlab.evaluate import evaluate_after_training, evaluate_before_training, held_out_set
 from sftlab.metrics import load_user_metrics
-from sftlab.model import add_default_chat_template, load_model, load_tokenizer, peft_config
+from sftlab.model import load_model, load_tokenizer, peft_config
 from sftlab.monitor import (
     LiveDiagnosis,
     LiveReport,
@@ -43,8 +43,6 @@ from sftlab.monitor import (
     NonFiniteGuard,
     OutputSampler,
     ProgressBar,
-    read_stop,
-    trim_metrics,
 )
 from sftlab.report import write_report
 from sftlab.resolve import (
@@ -68,11 +66,14 @@ from sftlab.rundir import (
     latest_checkpoint,
     mark_checkpoint_complete,
     prepare_run_dir,
+    read_stop,
     record_best_checkpoint,
+    trim_metrics,
     write_atomically,
     write_audit,
 )
 from sftlab.speed import accelerator_type, check_speed_options, refuse_contaminating_packing, use_attention
+from sftlab.templates import add_default_chat_template
 
 
 @dataclass
