@@ -10,16 +10,18 @@ from sftlab.train import train
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model):
-    from conftest import chat_rows, write_jsonl
+    from conftest import chat_rows, tiny_config_file, write_jsonl
 
     root = tmp_path_factory.mktemp("chat")
     data = write_jsonl(root / "train.jsonl", chat_rows(24))
-    (root / "c.yaml").write_text(f"""model: {{name_or_path: {tiny_model}}}
-data: {{train: {data}, eval_split: 0}}
-training: {{output_dir: {root / "run"}, max_steps: 4, per_device_train_batch_size: 4, learning_rate: 1.0e-3,
-            logging_steps: 2, save_steps: 4, max_length: 128}}
-""")
-    return train(load_config(root / "c.yaml")).run_dir
+    config = tiny_config_file(
+        root / "c.yaml",
+        tiny_model,
+        data,
+        data={"eval_split": 0},
+        training={"max_steps": 4, "save_steps": 4},
+    )
+    return train(load_config(config)).run_dir
 
 
 def test_chat_streams_each_answer_keeps_the_conversation_and_starts_over_on_reset(trained_run):

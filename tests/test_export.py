@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import build_tiny_model, chat_rows, sftlab_in_process, write_jsonl
+from conftest import build_tiny_model, chat_rows, sftlab_in_process, tiny_config_file, write_jsonl
 from sftlab.config import load_config
 from sftlab.errors import UserError
 from sftlab.export import export_run
@@ -33,23 +33,24 @@ TEXTS = [
 ]
 
 
-def _train(root, model, name, lora: str = ""):
-    data = write_jsonl(root / "train.jsonl", chat_rows(24))
-    (root / f"{name}.yaml").write_text(f"""model: {{name_or_path: {model}}}
-data: {{train: {data}, eval_split: 0}}
-training: {{output_dir: {root / name}, max_steps: 4, per_device_train_batch_size: 4, learning_rate: 1.0e-2,
-            logging_steps: 2, save_steps: 4, max_length: 128}}
-{lora}""")
-    return train(load_config(root / f"{name}.yaml")).run_dir
+def _train(root, model, name, **sections):
+    config = tiny_config_file(
+        root / f"{name}.yaml",
+        model,
+        write_jsonl(root / "train.jsonl", chat_rows(24)),
+        data={"eval_split": 0},
+        training={"output_dir": root / name, "max_steps": 4, "learning_rate": 1.0e-2, "save_steps": 4},
+        **sections,
+    )
+    return train(load_config(config)).run_dir
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("export")
     full = _train(root, tiny_model, "full")
-    lora = _train(
-        root, tiny_model, "lora", "lora: {r: 4, lora_alpha: 8, target_modules: [q_proj, k_proj, v_proj, o_proj]}\n"
-    )
+    adapters = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    lora = _train(root, tiny_model, "lora", lora=adapters)
     return {"full": full, "lora": lora}
 
 
