@@ -3,6 +3,7 @@
 import pytest
 
 import sftlab.generation as generation
+from conftest import build_tiny_model
 from sftlab.config import EvalConfig, ModelConfig
 from sftlab.evaluate import trained_token_loss
 from sftlab.generation import generate, generate_answers, shared_prefix, stop_token_ids
@@ -25,13 +26,17 @@ def few_shot_prompts(count: int) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model):
-    """The tiny model with its weights jolted, so that greedy answers differ from prompt to prompt."""
+@pytest.fixture(scope="module", params=["llama", "qwen2", "opt"])
+def model_and_tokenizer(request, tmp_path_factory, tiny_model):
+    """A tiny model (Llama; Qwen2; OPT, whose positions are learnt and read from the attention mask) with its
+    weights jolted, so that greedy answers differ from prompt to prompt."""
     import torch
 
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model)))
-    model = load_model(ModelConfig(name_or_path=str(tiny_model)), tokenizer)
+    path = tiny_model
+    if request.param != "llama":
+        path = build_tiny_model(tmp_path_factory.mktemp(request.param), model_type=request.param)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))
+    model = load_model(ModelConfig(name_or_path=str(path)), tokenizer)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in model.parameters():
