@@ -88,6 +88,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_throughput import (  # noqa: E402  (the CPU benchmark's data helpers and workers)
+    DEEPSEEK_R1_DISTILL_QWEN_1_5B,
     LEARNING_RATE,
     RESULTS,
     WORDS,
@@ -102,27 +103,6 @@ from train_throughput import (  # noqa: E402  (the CPU benchmark's data helpers 
     write_jsonl,
 )
 
-# deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B's config.json values (the hub is out of reach from here: the sizes as
-# the issue lists them; rope_theta, sliding_window, 131,072 positions and the untied LM head as in the family's
-# published 7B config.json; tests/test_bench_gpu.py checks the total against the hub's "1.78B params").
-DEEPSEEK_R1_DISTILL_QWEN_1_5B = dict(
-    hidden_size=1536,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    intermediate_size=8960,
-    vocab_size=151936,
-    max_position_embeddings=131072,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-6,
-    hidden_act="silu",
-    tie_word_embeddings=False,
-    use_sliding_window=False,
-    sliding_window=4096,
-    max_window_layers=21,
-    attention_dropout=0.0,
-    initializer_range=0.02,
-)
 # --dry-run: the same architecture at a size a CPU trains in seconds.
 TINY_QWEN2 = dict(
     DEEPSEEK_R1_DISTILL_QWEN_1_5B,

@@ -208,10 +208,13 @@ def tiny_config_file(
     config = {
         "model": {"name_or_path": str(model)},
         "data": {**data_section, **(data or {})},
-        "training": {key: str(value) if isinstance(value, Path) else value for key, value in settings.items()},
+        "training": {
+            key: str(value) if isinstance(value, Path) else value
+            for key, value in settings.items()
+            if value is not None
+        },
         **sections,
     }
-    config["training"] = {key: value for key, value in config["training"].items() if value is not None}
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
 
@@ -220,6 +223,20 @@ def tiny_config_file(
 def tiny_config(tmp_path, tiny_model, chat_data) -> Path:
     """A complete config training the tiny model for a few steps."""
     return tiny_config_file(tmp_path / "config.yaml", tiny_model, chat_data["train"], chat_data["eval"])
+
+
+def sftlab_subprocess(*args, cwd=None, timeout: int = 600):
+    """The `sftlab` command in a fresh interpreter, offline, as a user runs it: the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "sftlab.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=timeout,
+    )
 
 
 def sftlab_in_process(*args) -> tuple[int, str, str]:

@@ -1,26 +1,14 @@
 """The command line as a user meets it: subprocesses, exit codes, messages."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import sftlab_subprocess
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def sftlab(*args, cwd=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "sftlab.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=600,
-    )
 
 
 def assert_one_clean_error(result, *fragments):
@@ -32,7 +20,7 @@ def assert_one_clean_error(result, *fragments):
 
 
 def test_help_lists_the_commands():
-    result = sftlab("--help")
+    result = sftlab_subprocess("--help")
     assert result.returncode == 0
     for command in ("init", "check", "train", "demo"):
         assert command in result.stdout
@@ -40,18 +28,18 @@ def test_help_lists_the_commands():
 
 def test_train_with_a_missing_config_exits_2_with_one_message(tmp_path):
     assert_one_clean_error(
-        sftlab("train", "missing.yaml", cwd=tmp_path), "config file not found: missing.yaml", "hint:"
+        sftlab_subprocess("train", "missing.yaml", cwd=tmp_path), "config file not found: missing.yaml", "hint:"
     )
 
 
 def test_a_misspelt_key_exits_2_naming_it(tmp_path):
     (tmp_path / "c.yaml").write_text("data:\n  train: x.jsonl\ntraining:\n  learnin_rate: 1.0e-4\n")
-    result = sftlab("train", "c.yaml", cwd=tmp_path)
+    result = sftlab_subprocess("train", "c.yaml", cwd=tmp_path)
     assert_one_clean_error(result, "c.yaml:4: unknown key training.learnin_rate", "training.learning_rate")
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = sftlab("--debug", "train", "missing.yaml", cwd=tmp_path)
+    result = sftlab_subprocess("--debug", "train", "missing.yaml", cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" in result.stderr
 
@@ -60,21 +48,21 @@ def test_a_model_missing_offline_exits_2(tmp_path, chat_data):
     (tmp_path / "c.yaml").write_text(
         f"model:\n  name_or_path: sftlab-tests/absent\ndata:\n  train: {chat_data['train']}\n"
     )
-    assert_one_clean_error(sftlab("check", "c.yaml", cwd=tmp_path), "not available offline")
+    assert_one_clean_error(sftlab_subprocess("check", "c.yaml", cwd=tmp_path), "not available offline")
 
 
 def test_init_then_check_then_train_end_to_end(tmp_path, tiny_config):
-    init = sftlab("init", tmp_path / "starter.yaml")
+    init = sftlab_subprocess("init", tmp_path / "starter.yaml")
     assert init.returncode == 0 and (tmp_path / "starter.yaml").exists()
-    assert sftlab("init", tmp_path / "starter.yaml").returncode == 2
+    assert sftlab_subprocess("init", tmp_path / "starter.yaml").returncode == 2
 
-    check = sftlab("check", tiny_config, "--json", tmp_path / "audit.json")
+    check = sftlab_subprocess("check", tiny_config, "--json", tmp_path / "audit.json")
     assert check.returncode == 0, check.stderr
     assert "train 48 rows" in check.stdout
     audit = json.loads((tmp_path / "audit.json").read_text())
     assert audit["ok"] is True and audit["splits"]["train"]["rows"] == 48 and audit["splits"]["eval"]["rows"] == 8
 
-    result = sftlab("train", tiny_config, "--set", "training.max_steps=4")
+    result = sftlab_subprocess("train", tiny_config, "--set", "training.max_steps=4")
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
     assert (run / "final" / "model.safetensors").exists()
@@ -82,7 +70,7 @@ def test_init_then_check_then_train_end_to_end(tmp_path, tiny_config):
     assert "max_steps: 4" in (run / "config.yaml").read_text()
     assert "step 4/4" in result.stderr  # progress lines where stderr is not a terminal
 
-    again = sftlab("train", tiny_config)
+    again = sftlab_subprocess("train", tiny_config)
     assert_one_clean_error(again, "already exists", "--resume")
 
 
@@ -124,10 +112,10 @@ def test_diagnose_reads_a_plain_trl_run_and_an_sftlab_run(tmp_path, tiny_model, 
     ).train()
     state = tmp_path / "trl-run" / "checkpoint-8" / "trainer_state.json"
 
-    text = sftlab("diagnose", state)
+    text = sftlab_subprocess("diagnose", state)
     assert text.returncode == 0, text.stderr
     assert "phase" in text.stdout.lower()
-    as_json = sftlab("diagnose", state, "--json")
+    as_json = sftlab_subprocess("diagnose", state, "--json")
     report = json.loads(as_json.stdout)
     assert report["phase"] in {"initial_sharp_drop", "gradual_stabilization", "converged"}
     for finding in report["findings"]:
@@ -136,10 +124,10 @@ def test_diagnose_reads_a_plain_trl_run_and_an_sftlab_run(tmp_path, tiny_model, 
         assert len(finding["steps"]) == 2 and all(isinstance(step, int) for step in finding["steps"])
         assert isinstance(finding["advice"], list) and isinstance(finding["evidence"], str)
 
-    assert sftlab("train", tiny_config).returncode == 0
-    run = json.loads(sftlab("diagnose", tmp_path / "run", "--json").stdout)
+    assert sftlab_subprocess("train", tiny_config).returncode == 0
+    run = json.loads(sftlab_subprocess("diagnose", tmp_path / "run", "--json").stdout)
     assert run["phase"] and isinstance(run["findings"], list)
-    assert_one_clean_error(sftlab("diagnose", tmp_path / "nothing-here"), "nothing-here")
+    assert_one_clean_error(sftlab_subprocess("diagnose", tmp_path / "nothing-here"), "nothing-here")
 
 
 def test_out_of_memory_in_any_command_is_one_message_and_exit_2(monkeypatch, capsys):

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from statistics import median
 
@@ -21,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import chat_rows, tiny_config_file, write_jsonl
+from conftest import chat_rows, sftlab_subprocess, tiny_config_file, write_jsonl
 from sftlab.config import DataConfig, ModelConfig, SourceConfig, validate_config
 from sftlab.data import FORMATS, prepare_data
 from sftlab.errors import ConfigError, DataError
@@ -61,18 +58,6 @@ def trained_texts(tokenizer, dataset) -> list[str]:
 
 def all_texts(tokenizer, dataset) -> list[str]:
     return [tokenizer.decode(ids) for ids in dataset["input_ids"]]
-
-
-def sftlab(*args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "sftlab.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=300,
-    )
 
 
 def distribution(values):
@@ -412,7 +397,7 @@ def test_each_format_is_detected_audited_and_trained_on_the_response(tmp_path, t
 def test_check_json_through_the_cli(tmp_path, tiny_model, case):
     built = build_format_case(case, tmp_path)
     config = tiny_config_file(tmp_path / "c.yaml", tiny_model, data=built["data"], training={"max_length": 64})
-    result = sftlab("check", config, "--json", tmp_path / "audit.json", cwd=tmp_path)
+    result = sftlab_subprocess("check", config, "--json", tmp_path / "audit.json", cwd=tmp_path, timeout=300)
     # Warnings (duplicates, leakage, a dropped row) do not stop training: exit 0.
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
@@ -425,7 +410,7 @@ def test_check_json_through_the_cli(tmp_path, tiny_model, case):
     assert f"{built['train']}:13" in "".join(result.stdout.split())  # the problem is shown (rich may wrap it)
 
     # The same file with on_error: fail stops at the bad row, naming file and line.
-    result = sftlab("check", config, "--set", "data.on_error=fail", cwd=tmp_path)
+    result = sftlab_subprocess("check", config, "--set", "data.on_error=fail", cwd=tmp_path, timeout=300)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: {built['train']}:13: "), result.stderr
@@ -1077,7 +1062,7 @@ def test_perturbed_conversations_only_ever_raise_data_error(tokenizer, fuzz_dir,
 def test_check_exits_2_when_nothing_would_be_trained(tmp_path, tiny_model):
     train = write_jsonl(tmp_path / "train.jsonl", chat_rows(6))
     config = tiny_config_file(tmp_path / "c.yaml", tiny_model, train, training={"max_length": 4})
-    result = sftlab("check", config, "--json", tmp_path / "audit.json", cwd=tmp_path)
+    result = sftlab_subprocess("check", config, "--json", tmp_path / "audit.json", cwd=tmp_path, timeout=300)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert "training cannot go ahead" in result.stdout

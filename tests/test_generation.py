@@ -110,16 +110,17 @@ def test_a_model_that_refuses_the_prefix_cache_is_answered_without_it(model_and_
     model, tokenizer = model_and_tokenizer
     prompts = few_shot_prompts(4)
     calls = []
+    generate_from_ids = generation.generate_from_ids
 
     def refusing(*args, prefix=None, **kwargs):
         calls.append(prefix is not None)
         if prefix is not None:
             raise ValueError("this cache cannot be passed in")
-        return generate(*args, **kwargs)
+        return generate_from_ids(*args, **kwargs)
 
     cfg = EvalConfig(max_new_tokens=6, generation_batch_size=2)
     expected = generate(model, tokenizer, prompts[:2], 6, stop_token_ids(tokenizer))
-    monkeypatch.setattr(generation, "generate", refusing)
+    monkeypatch.setattr(generation, "generate_from_ids", refusing)
     answers = generate_answers(model, tokenizer, prompts, [True] * len(prompts), cfg)
     assert calls == [True, False, False]  # tried once, then every batch without
     assert [answer["token_ids"] for answer in answers[:2]] == [answer["token_ids"] for answer in expected]

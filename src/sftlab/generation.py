@@ -2,8 +2,9 @@
 
 - `generation_prompts` renders each example's conversation up to its last answer with the
   chat template and the generation prompt (raw prompt/completion examples: the prompt as is);
-- `generate` answers a batch of prompts: left-padded, with the KV cache, greedy unless
-  sampling, stopping on the template's end-of-turn token or EOS (`stop_token_ids`);
+- `generate` answers a batch of prompts (`generate_from_ids` a batch of tokenized ones):
+  left-padded, with the KV cache, greedy unless sampling, stopping on the template's
+  end-of-turn token or EOS (`stop_token_ids`);
 - `generate_answers` runs `generate` over any number of prompts in batches of similar
   lengths, seeded, and gives the answers back in prompt order;
 - `shared_prefix` encodes once the tokens every prompt of a set starts with (the system
@@ -25,7 +26,6 @@ Trade-offs:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import inspect
@@ -35,6 +35,7 @@ import re
 from dataclasses import dataclass
 
 from sftlab.config import EvalConfig, FormatSpec
+from sftlab.model import eval_mode
 from sftlab.templates import render, stop_token_ids
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "follows_format",
     "generate",
     "generate_answers",
+    "generate_from_ids",
     "generation_prompts",
     "shared_prefix",
     "stop_token_ids",
@@ -66,12 +68,19 @@ def generation_prompts(tokenizer, examples, count: int) -> list[str]:
 
 
 def generate(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, stop_ids: list[int], chat: bool = True, **options
+):
+    """`generate_from_ids` on prompt texts (`chat`: rendered with the template, so no BOS is added)."""
+    ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
+    return generate_from_ids(model, tokenizer, ids, max_new_tokens, stop_ids, **options)
+
+
+def generate_from_ids(
     model,
     tokenizer,
-    prompts: list[str],
+    ids: list[list[int]],
     max_new_tokens: int,
     stop_ids: list[int],
-    chat: bool = True,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -85,13 +94,12 @@ def generate(
     """
     import torch
 
-    ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
     input_ids, attention_mask = _left_padded(ids, tokenizer.pad_token_id, prefix)
     device = _device(model)
     # Sampling settings only when sampling: with greedy decoding transformers warns about them.
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     cache = {"past_key_values": prefix.for_batch(len(ids))} if prefix is not None else {}
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         output = model.generate(
             input_ids=torch.tensor(input_ids, device=device),
             attention_mask=torch.tensor(attention_mask, device=device),
@@ -138,7 +146,7 @@ def generate_answers(
     ids = [tokenizer(prompt, add_special_tokens=not is_chat)["input_ids"] for prompt, is_chat in zip(prompts, chat)]
     order = sorted(range(len(prompts)), key=lambda i: (chat[i], len(ids[i])))
     answer = functools.partial(
-        generate,
+        generate_from_ids,
         model,
         tokenizer,
         max_new_tokens=cfg.max_new_tokens,
@@ -155,15 +163,15 @@ def generate_answers(
             prefix = shared_prefix(model, [ids[i] for i in group])
             for start in range(0, len(group), cfg.generation_batch_size):
                 batch = group[start : start + cfg.generation_batch_size]
-                batch_prompts = [prompts[i] for i in batch]
+                batch_ids = [ids[i] for i in batch]
                 try:
-                    results = answer(batch_prompts, chat=is_chat, prefix=prefix)
+                    results = answer(batch_ids, prefix=prefix)
                 except (TypeError, ValueError, AttributeError, IndexError) as error:
                     if prefix is None:
                         raise
                     log.debug("the shared prefix cache does not work with this model (%s): generating without", error)
                     prefix = None
-                    results = answer(batch_prompts, chat=is_chat)
+                    results = answer(batch_ids)
                 for i, result in zip(batch, results):
                     answers[i] = result
     return answers
@@ -208,22 +216,11 @@ def shared_prefix(model, sequences: list[list[int]], limit: int | None = None) -
     inputs = {"input_ids": torch.tensor([first[:length]], device=_device(model)), "use_cache": True}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         inputs["logits_to_keep"] = 1  # the prefix's logits are never read: do not hold them all
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         cache = getattr(model(**inputs), "past_key_values", None)
     if not hasattr(cache, "batch_repeat_interleave"):
         return None
     return SharedPrefix(first[:length], cache)
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    """The model in eval mode (no dropout) for the block, back in its own mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _device(model):

@@ -20,6 +20,7 @@ Trade-offs:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -283,19 +284,14 @@ def packing_contamination(model) -> float:
     inputs = {
         key: value.to(device) if hasattr(value, "to") else value for key, value in packed.items() if key != "labels"
     }
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            packed_logits = model(**inputs, use_cache=False).logits[0].float()
-            separate = torch.cat(
-                [
-                    model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float()
-                    for ids in (first, second)
-                ]
-            )
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        packed_logits = model(**inputs, use_cache=False).logits[0].float()
+        separate = torch.cat(
+            [
+                model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float()
+                for ids in (first, second)
+            ]
+        )
     return ((packed_logits - separate).abs().max() / separate.abs().max().clamp_min(1e-6)).item()
 
 
@@ -336,3 +332,14 @@ def training_state_bytes(model) -> int:
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return trained * TRAINING_STATE_BYTES_PER_PARAMETER + frozen * 4
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode (no dropout) for the block, back in its own mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

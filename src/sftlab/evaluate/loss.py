@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 from sftlab.generation import shared_prefix
+from sftlab.model import eval_mode
 
 LOSS_BATCH_TOKENS = 4096  # tokens per forward pass for the losses: bounds the full-vocabulary logits in memory
 
@@ -42,9 +43,7 @@ def trained_token_loss(model, rows, max_length: int | None = None) -> dict:
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in _token_batches(order, [len(row) - start for row in ids]):
             width = max(len(ids[i]) for i in batch) - start
             input_ids = torch.zeros((len(batch), width), dtype=torch.long)
@@ -66,8 +65,6 @@ def trained_token_loss(model, rows, max_length: int | None = None) -> dict:
             )
             total += losses[targets].sum().item()
             count += int(targets.sum().item())
-    finally:
-        model.train(was_training)
     loss = total / count if count else None
     if loss is not None and not math.isfinite(loss):
         loss = None  # JSON has no NaN; a non-finite loss is a loss that could not be measured
